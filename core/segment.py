@@ -1,0 +1,428 @@
+"""Streaming sliding-window segmentation of rasters of any size (SRMF inference).
+
+SRMF's inference (mmsegmentation ``slide_inference``): windows of ``window`` pixels on a grid of step
+``stride`` (the last row and column shifted so they end at the raster's border), logits of each
+window upsampled bilinearly to the window, summed over overlaps and divided by the number of windows
+that cover each pixel, then argmax. Here the raster is read strip by strip (one strip = the rows of one
+row of windows): only the ``window`` rows in flight are held (logit accumulator K × window × width on
+the compute device), finished rows are written at once. Memory is bounded by the strip, not the raster.
+
+Nodata: a pixel that is nodata in every selected band is nodata (255) in the output; its input value
+is replaced by the model's mean (0 after normalisation) so it adds nothing to its neighbours; windows
+that are entirely nodata are skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import Cancelled, InputError
+
+RowsCallback = Callable[[int, torch.Tensor, Optional[np.ndarray]], None]
+
+
+def window_offsets(size: int, window: int, stride: int) -> List[int]:
+    """Offsets (pixels) of the windows along one axis, as mmsegmentation's ``slide_inference``.
+
+    ``n = ceil((size - window) / stride) + 1`` windows at ``i * stride``, the last one moved back to
+    end at ``size``; one window at 0 when ``size <= window`` (it is padded).
+    """
+    if size <= window:
+        return [0]
+    n = (size - window + stride - 1) // stride + 1
+    return [min(i * stride, size - window) for i in range(n)]
+
+
+def validate_window(window: int, stride: int) -> None:
+    """Raise InputError unless 32 <= window, window % 32 == 0 and 1 <= stride <= window."""
+    if not isinstance(window, int) or window < 32 or window % 32:
+        raise InputError(f"--window must be a multiple of 32 pixels, at least 32 (got {window})")
+    if not isinstance(stride, int) or stride < 1 or stride > window:
+        raise InputError(f"--stride must be between 1 and the window ({window}) pixels (got {stride})")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU if there is one, else the CPU; ``cpu``; ``cuda``; ``cuda:N``.
+
+    Raises:
+        InputError: an unknown spec, or CUDA asked for where none is available.
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: no CUDA GPU is available to torch {torch.__version__} "
+                             f"(built for CUDA {torch.version.cuda}); use --device cpu")
+        idx = 0 if spec == "cuda" else spec.split(":", 1)[1]
+        try:
+            idx = int(idx)
+        except ValueError as exc:
+            raise InputError(f"--device {spec}: the GPU index must be a number") from exc
+        if idx >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+        return torch.device(f"cuda:{idx}")
+    raise InputError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+
+
+class WindowPredictor:
+    """Runs the network on batches of windows and returns full-resolution logits.
+
+    On CUDA: pinned host memory, non-blocking copies and bf16 (or fp16) autocast; logits come back
+    as float32. Call: float32 (B, 3, window, window), normalised → float32 (B, K, window, window) on
+    the compute device.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: bool = True):
+        self.model = model.eval().to(device)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.amp_dtype = None
+        if self.cuda and amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with ctx:
+            logits = self.model(batch)
+        logits = logits.float()
+        return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def normalise(data: np.ndarray, valid: Optional[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(x - mean) / std per band, in place on float32 (n, rows, cols); nodata pixels set to 0 (the mean)."""
+    data -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    data /= np.asarray(std, dtype=np.float32)[:, None, None]
+    if valid is not None:
+        data[:, ~valid] = 0.0
+    return data
+
+
+@dataclass
+class Window:
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+def _batched(items: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _window_tensor(strip: np.ndarray, wins: Sequence[Window], y0: int, window: int) -> torch.Tensor:
+    """Stack windows cut from a strip (rows from ``y0``) into (B, n, window, window), zero-padded."""
+    n = strip.shape[0]
+    out = torch.zeros((len(wins), n, window, window), dtype=torch.float32)
+    for i, w in enumerate(wins):
+        out[i, :, :w.h, :w.w] = torch.from_numpy(strip[:, w.y - y0:w.y - y0 + w.h, w.x:w.x + w.w])
+    return out
+
+
+class SlidePlan:
+    """The window grid of a raster: rows of windows, in the order both engines process them."""
+
+    def __init__(self, height: int, width: int, window: int, stride: int):
+        self.height, self.width, self.window, self.stride = height, width, window, stride
+        self.win_h, self.win_w = min(window, height), min(window, width)
+        self.ys = window_offsets(height, window, stride)
+        self.xs = window_offsets(width, window, stride)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def row(self, y: int) -> List[Window]:
+        return [Window(x, y, self.win_w, self.win_h) for x in self.xs]
+
+
+def _active(row: List[Window], valid: Optional[np.ndarray], y0: int) -> List[Window]:
+    """Windows of a row that hold at least one valid pixel (all of them when there is no nodata)."""
+    if valid is None:
+        return row
+    return [w for w in row if valid[w.y - y0:w.y - y0 + w.h, w.x:w.x + w.w].any()]
+
+
+def stream_segmentation(read_strip: Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]],
+                        plan: SlidePlan, predictor: WindowPredictor, num_classes: int,
+                        mean: Sequence[float], std: Sequence[float], batch_size: int,
+                        on_rows: RowsCallback, progress: Optional[Callable[[float], None]] = None,
+                        prefetch: bool = True) -> dict:
+    """Sliding-window inference, strip by strip, handing each block of finished rows to ``on_rows``.
+
+    Args:
+        read_strip: ``(y0, rows) -> (data float32 (n, rows, width) in the model's value range,
+            valid bool (rows, width) or None)``.
+        plan: the window grid.
+        predictor: the network on its device.
+        num_classes: K.
+        mean, std: the model's normalisation (value-range units).
+        batch_size: windows per forward pass (windows of one strip row are batched together).
+        on_rows: ``on_rows(y0, logits, valid)`` with the averaged logits float32 (K, rows, width) on the
+            device (rows never covered by a window — all nodata — hold NaN) and the validity mask.
+        progress: called with the fraction of windows done.
+        prefetch: read the next strip in a background thread while the current one is computed.
+
+    Returns:
+        ``{"windows": total, "skipped_windows": n, "forward_seconds": s}``.
+    """
+    device = predictor.device
+    K, W, win_h = num_classes, plan.width, plan.win_h
+    acc = torch.zeros((K, win_h, W), dtype=torch.float32, device=device)
+    cnt = torch.zeros((win_h, W), dtype=torch.float32, device=device)
+    done = skipped = 0
+    forward_s = 0.0
+    ys = plan.ys
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    try:
+        pending = pool.submit(read_strip, ys[0], win_h) if pool else None
+        for r, y in enumerate(ys):
+            if pool:
+                data, valid = pending.result()
+                if r + 1 < len(ys):
+                    pending = pool.submit(read_strip, ys[r + 1], win_h)
+            else:
+                data, valid = read_strip(y, win_h)
+            normalise(data, valid, mean, std)
+            row = plan.row(y)
+            active = _active(row, valid, y)
+            skipped += len(row) - len(active)
+            for chunk in _batched(active, batch_size):
+                t0 = time.perf_counter()
+                logits = predictor(_window_tensor(data, chunk, y, plan.window))
+                for i, w in enumerate(chunk):
+                    acc[:, :w.h, w.x:w.x + w.w] += logits[i, :, :w.h, :w.w]
+                    cnt[:w.h, w.x:w.x + w.w] += 1.0
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                forward_s += time.perf_counter() - t0
+                done += len(chunk)
+                if progress:
+                    progress((done + skipped) / plan.n_windows)
+            if not active and progress:
+                progress((done + skipped) / plan.n_windows)
+            # Rows [y, next_y) are covered by no later window: finish and hand them over.
+            next_y = ys[r + 1] if r + 1 < len(ys) else plan.height
+            n_done = next_y - y
+            block = acc[:, :n_done] / cnt[:n_done]  # 0/0 → NaN where no window voted (all nodata)
+            on_rows(y, block, None if valid is None else valid[:n_done])
+            if r + 1 < len(ys):
+                keep = win_h - n_done
+                acc[:, :keep] = acc[:, n_done:].clone()
+                acc[:, keep:] = 0.0
+                cnt[:keep] = cnt[n_done:].clone()
+                cnt[keep:] = 0.0
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return {"windows": plan.n_windows, "skipped_windows": skipped, "forward_seconds": forward_s}
+
+
+def slide_inference_in_memory(image: np.ndarray, valid: Optional[np.ndarray], plan: SlidePlan,
+                              predictor: WindowPredictor, num_classes: int, mean: Sequence[float],
+                              std: Sequence[float], batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference: the whole image in memory and one full logit tensor (naive accumulator).
+
+    Same windows, order and batches as :func:`stream_segmentation`, so results are comparable bit for
+    bit. Memory grows with the raster: use it for tests and benchmarks, not for real work.
+
+    Args:
+        image: float32 (n, H, W) in the model's value range (modified in place); valid: bool (H, W) or None.
+
+    Returns:
+        ``(logits float32 (K, H, W) averaged, NaN where no window voted; classes uint8 (H, W), 255 = nodata)``.
+    """
+    normalise(image, valid, mean, std)
+    K, H, W = num_classes, plan.height, plan.width
+    acc = torch.zeros((K, H, W), dtype=torch.float32, device=predictor.device)
+    cnt = torch.zeros((H, W), dtype=torch.float32, device=predictor.device)
+    for y in plan.ys:
+        row = plan.row(y)
+        strip_valid = None if valid is None else valid[y:y + plan.win_h]
+        active = _active(row, strip_valid, y)
+        for chunk in _batched(active, batch_size):
+            logits = predictor(_window_tensor(image[:, y:y + plan.win_h], chunk, y, plan.window))
+            for i, w in enumerate(chunk):
+                acc[:, w.y:w.y + w.h, w.x:w.x + w.w] += logits[i, :, :w.h, :w.w]
+                cnt[w.y:w.y + w.h, w.x:w.x + w.w] += 1.0
+    logits = acc / cnt
+    classes = logits_to_classes(logits, None if valid is None else torch.from_numpy(valid).to(logits.device))
+    return logits, classes
+
+
+def logits_to_classes(logits: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """argmax over classes of (K, rows, cols) logits → uint8 (rows, cols); 255 where invalid or NaN."""
+    classes = torch.nan_to_num(logits, nan=-torch.inf).argmax(0).to(torch.uint8)
+    nodata = torch.isnan(logits[0])
+    if valid is not None:
+        nodata |= ~valid
+    classes[nodata] = 255
+    return classes
+
+
+# -- the segment job ------------------------------------------------------------------------------
+DEFAULT_BATCH = {"cpu": 4, "cuda": 16}
+PROBABILITY_SCALE = 250  # uint8 probability = round(p * 250); 255 = nodata; GDAL scale 1/250
+
+
+def class_areas(ds, counts: np.ndarray, classes: Sequence[dict]) -> Tuple[List[dict], Optional[str]]:
+    """Per-class pixel counts and areas (m², ha) from the geotransform and CRS.
+
+    Returns:
+        ``(rows, note)``: one row per class ``{id, name, pixels, area_m2, area_ha}`` (areas ``None``
+        when the CRS is geographic or missing, with ``note`` saying why).
+    """
+    gt = ds.GetGeoTransform(can_return_null=True)
+    srs = ds.GetSpatialRef()
+    pixel_m2, note = None, None
+    if gt is None or srs is None:
+        note = "the raster has no CRS/geotransform: areas are given in pixels only"
+    elif srs.IsGeographic():
+        note = ("the raster's CRS is geographic (degrees): areas in m² would be wrong, so they are left "
+                "out; reproject to a projected CRS for areas")
+    else:
+        pixel_m2 = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
+    rows = []
+    for c in classes:
+        n = int(counts[int(c["id"])])
+        a = None if pixel_m2 is None else n * pixel_m2
+        rows.append({"id": int(c["id"]), "name": c["name"], "pixels": n,
+                     "area_m2": a, "area_ha": None if a is None else a / 1e4})
+    return rows, note
+
+
+def segment_raster(input_path, output_path, model=None, *, window: Optional[int] = None,
+                   stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
+                   bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
+                   reporter=None, prefetch: bool = True) -> dict:
+    """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
+
+    Args:
+        input_path: any raster GDAL reads. output_path: the class GeoTIFF to write (uint8, 255 nodata).
+        model: a ``.srmf`` path or a :class:`~core.modelfile.LoadedModel`; ``None`` = the embedded default.
+        window, stride: pixels (default: the model's, 512 and 341). batch_size: windows per forward.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. bands: 1-based input bands in the model's order.
+        probabilities: optional path of a per-class probability GeoTIFF (uint8, p·250, nodata 255).
+        overwrite: replace existing outputs. reporter: a :class:`~core.protocol.Reporter`.
+
+    Returns:
+        A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
+
+    Raises:
+        InputError / ModelFileError: bad input, named; nothing is left under the output names.
+    """
+    from .modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model
+    from .protocol import Reporter
+    from .raster import (AtomicGeoTIFF, StripReader, check_output_path, compute_scaling, crs_label, open_raster,
+                         select_bands, style_class_band)
+    from osgeo import gdal
+
+    rep = reporter or Reporter(json_mode=False)
+    t_start = time.perf_counter()
+    out = check_output_path(output_path, overwrite)
+    prob = check_output_path(probabilities, overwrite, "probabilities") if probabilities else None
+    if Path(input_path).resolve() in {out.resolve(), prob.resolve() if prob else None}:
+        raise InputError(f"The output {output_path} would overwrite the input raster")
+    if prob is not None and prob.resolve() == out.resolve():
+        raise InputError("--probabilities must differ from the output path")
+    ds = open_raster(input_path)
+    dev = resolve_device(device)
+    if model is None:
+        model = DEFAULT_MODEL_PATH
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+    if lm.untrained:
+        rep.warning(f"The model {lm.path.name} is an UNTRAINED PLACEHOLDER: its classes are not meaningful. "
+                    "Use a trained model (--model) or fine-tune one.")
+    header = lm.header
+    window = int(window or header["inference"]["window"])
+    stride = int(stride or header["inference"]["stride"])
+    validate_window(window, stride)
+    inp = header["input"]
+    band_list = select_bands(ds, input_path, bands, inp["bands"])
+    scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
+    for note in scaling.notes:
+        rep.log("scaling: " + note)
+    batch = int(batch_size or DEFAULT_BATCH.get(dev.type, 4))
+    if batch < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch})")
+    reader = StripReader(ds, band_list, scaling)
+    plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
+    classes = lm.classes
+    K = lm.num_classes
+    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {band_list}, "
+            f"{plan.n_windows} windows of {window} px (stride {stride}), model {lm.path.name} "
+            f"({header['architecture']['backbone']}, {K} classes) on {dev}"
+            + (f", nodata masked" if reader.masked else ""))
+    predictor = WindowPredictor(lm.model, dev)
+    counts = np.zeros(256, dtype=np.int64)
+    outputs = []
+    try:
+        cls_out = AtomicGeoTIFF(out, ds, 1)
+        outputs.append(cls_out)
+        style_class_band(cls_out.band(1), classes)
+        prob_out = None
+        if prob is not None:
+            prob_out = AtomicGeoTIFF(prob, ds, K)
+            outputs.append(prob_out)
+            for c in classes:
+                b = prob_out.band(int(c["id"]) + 1)
+                b.SetDescription(f"probability of {c['name']}")
+                b.SetNoDataValue(255)
+                b.SetScale(1.0 / PROBABILITY_SCALE)
+                b.SetOffset(0.0)
+
+        def on_rows(y0: int, logits: torch.Tensor, valid: Optional[np.ndarray]) -> None:
+            v = None if valid is None else torch.from_numpy(valid).to(logits.device)
+            cls = logits_to_classes(logits, v)
+            arr = cls.cpu().numpy()
+            cls_out.band(1).WriteArray(arr, 0, y0)
+            counts[:] += np.bincount(arr.ravel(), minlength=256)
+            if prob_out is not None:
+                p = torch.softmax(torch.nan_to_num(logits, nan=0.0), dim=0)
+                q = torch.round(p * PROBABILITY_SCALE).to(torch.uint8)
+                q[:, cls == 255] = 255
+                q = q.cpu().numpy()
+                for k in range(K):
+                    prob_out.band(k + 1).WriteArray(q[k], 0, y0)
+
+        stats = stream_segmentation(reader.read, plan, predictor, K, inp["mean"], inp["std"], batch,
+                                    on_rows, progress=lambda f: rep.progress(f, "segmenting"),
+                                    prefetch=prefetch)
+        for o in outputs:
+            o.commit()
+    except BaseException:
+        for o in outputs:
+            o.discard()
+        raise
+    areas, area_note = class_areas(ds, counts, classes)
+    if area_note:
+        rep.log("areas: " + area_note)
+    seconds = time.perf_counter() - t_start
+    mp = ds.RasterXSize * ds.RasterYSize / 1e6
+    srs = ds.GetSpatialRef()
+    result = {
+        "output": str(out), "probabilities": str(prob) if prob else None,
+        "model": str(lm.path), "untrained_model": lm.untrained,
+        "width": ds.RasterXSize, "height": ds.RasterYSize,
+        "crs": crs_label(srs),
+        "bands": band_list, "window": window, "stride": stride, "device": str(dev), "batch_size": batch,
+        "classes": [{"id": int(c["id"]), "name": c["name"], "colour": c.get("colour")} for c in classes],
+        "class_areas": areas, "area_note": area_note, "nodata_pixels": int(counts[255]),
+        **stats, "seconds": round(seconds, 3), "megapixels_per_second": round(mp / max(seconds, 1e-9), 3),
+    }
+    return result
