@@ -45,10 +45,10 @@ demo: install
 	$(PY) -m core info $(DEFAULT_MODEL)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -p no:pytest_qgis -q tests/core
 
 test-core: install
-	$(PY) -m pytest -q tests/core
+	$(PY) -m pytest -p no:pytest_qgis -q tests/core
 
 bench: install
 	$(PY) -m bench.segment

@@ -238,8 +238,12 @@ def check_output_path(path, overwrite: bool, what: str = "output") -> Path:
         raise InputError(f"The {what} path {p} is a folder; give a file name such as {p / 'classes.tif'}")
     if not folder.is_dir():
         raise InputError(f"The {what} folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"The {what} folder {folder} is not writable")
+    try:  # a real probe: os.access() says yes to root even on read-only file systems
+        fd, probe = tempfile.mkstemp(dir=str(folder), prefix=".srmf-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"The {what} folder {folder} is not writable ({exc.strerror})") from exc
     if p.exists() and not overwrite:
         raise InputError(f"The {what} file {p} exists; pass --overwrite to replace it")
     return p

@@ -334,6 +334,12 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
+    # Parameters first: a wrong value fails at once, before the model or the raster is opened.
+    if window is not None or stride is not None:
+        validate_window(window if window is not None else 512,
+                        stride if stride is not None else min(341, window or 341))
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
     out = check_output_path(output_path, overwrite)
     prob = check_output_path(probabilities, overwrite, "probabilities") if probabilities else None
     if Path(input_path).resolve() in {out.resolve(), prob.resolve() if prob else None}:
@@ -349,17 +355,15 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         rep.warning(f"The model {lm.path.name} is an UNTRAINED PLACEHOLDER: its classes are not meaningful. "
                     "Use a trained model (--model) or fine-tune one.")
     header = lm.header
-    window = int(window or header["inference"]["window"])
-    stride = int(stride or header["inference"]["stride"])
+    window = int(header["inference"]["window"] if window is None else window)
+    stride = int(min(header["inference"]["stride"], window) if stride is None else stride)
     validate_window(window, stride)
     inp = header["input"]
     band_list = select_bands(ds, input_path, bands, inp["bands"])
     scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
     for note in scaling.notes:
         rep.log("scaling: " + note)
-    batch = int(batch_size or DEFAULT_BATCH.get(dev.type, 4))
-    if batch < 1:
-        raise InputError(f"--batch-size must be at least 1 (got {batch})")
+    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
     reader = StripReader(ds, band_list, scaling)
     plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
     classes = lm.classes
