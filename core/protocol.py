@@ -79,6 +79,14 @@ class Reporter:
     def warning(self, message: str) -> None:
         self.log(message, "warning")
 
+    def metrics(self, payload: dict, text: Optional[str] = None) -> None:
+        """Training metrics (``{"iteration", "loss", "miou", "per_class_iou", ...}``): a JSON line of
+        type "metrics", or ``text`` as a log line on a terminal."""
+        if self.json_mode:
+            self._emit({"type": "metrics", **payload})
+        else:
+            self.log(text if text is not None else json.dumps(payload, default=_json_default))
+
     def result(self, payload: dict, text: Optional[str] = None) -> None:
         """The command's result: a JSON object, or ``text`` (default: pretty JSON) on a terminal."""
         self.close_progress()

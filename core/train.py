@@ -1,0 +1,395 @@
+"""The SRMF training loop (fine-tuning issue, item 4) and its checkpoints.
+
+Recipe (SRMF, arXiv 2504.19839, Sec. IV-A, following SegFormer's mmsegmentation schedule):
+AdamW, lr 6e-5, weight decay 0.01, the head's learning rate × 10, no weight decay on normalisation
+layers (and MiT's positional ``pos_block``), a linear warm-up (1500 iterations in the paper; capped at
+a tenth of the run for short fine-tunes) then polynomial decay (power 1) to 0; cross-entropy with
+ignore index 255 on logits upsampled to the crop; batches from the MARS + SRR-TA sampler
+(:mod:`core.sampling`). Mixed precision (bf16, else fp16 with a gradient scaler) on CUDA, gradient
+accumulation, validation by whole held-out images (split by tile or region, never by pixels) every
+``eval_interval`` iterations, the best model by validation mIoU kept; checkpoints every
+``checkpoint_interval`` iterations (safetensors + JSON: never a pickle) and exact ``resume``.
+
+Determinism: every iteration draws its samples from a generator seeded by (seed, iteration, rank) and
+seeds torch the same way, so a run is reproducible on the CPU and a resumed run continues exactly
+where the killed one would have gone.
+
+Several processes: under ``torchrun`` (RANK/WORLD_SIZE set) the model is wrapped in
+DistributedDataParallel (NCCL + SyncBatchNorm on CUDA; gloo on the CPU, where SyncBatchNorm is not
+available and each process keeps its own batch statistics); rank 0 validates and writes files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Cancelled, InputError
+
+IGNORE_INDEX = 255
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a fine-tuning run (defaults: the paper's, except the warm-up cap)."""
+
+    iterations: int = 2000
+    batch_size: int = 8
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0
+    warmup_iterations: Optional[int] = None  # None: min(1500, iterations // 10)
+    poly_power: float = 1.0
+    accumulate: int = 1
+    crop: int = 512
+    eval_interval: int = 200
+    checkpoint_interval: int = 200
+    seed: int = 0
+    amp: bool = True
+    mars: bool = True
+    srr: bool = True
+    srr_k: int = 4
+    val_window: Optional[int] = None  # default: crop
+    val_stride: Optional[int] = None  # default: 2/3 of the window (341 for 512)
+    log_interval: int = 10
+
+    def warmup(self) -> int:
+        if self.warmup_iterations is not None:
+            return int(self.warmup_iterations)
+        return int(min(1500, self.iterations // 10))
+
+
+def lr_factor(iteration: int, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6) -> float:
+    """Learning-rate multiplier at ``iteration`` (0-based): linear warm-up from ``warmup_ratio`` to 1
+    over ``warmup`` iterations (mmengine ``LinearLR``), then ``(1 - t)^power`` poly decay to 0 over the
+    rest (mmengine ``PolyLR``, eta_min 0)."""
+    if warmup > 0 and iteration < warmup:
+        return warmup_ratio + (1.0 - warmup_ratio) * iteration / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (iteration - warmup) / span)
+    return (1.0 - t) ** power
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> List[dict]:
+    """AdamW parameter groups: head lr × ``head_lr_mult``; no weight decay on normalisation layers'
+    parameters and on MiT's ``pos_block`` (SegFormer's ``paramwise_cfg``)."""
+    no_decay = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, _NORM_TYPES) or "pos_block" in mod_name:
+            for p_name, _ in mod.named_parameters(recurse=False):
+                no_decay.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    groups: Dict[Tuple[bool, bool], List[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.split(".", 1)[0] == "head" or ".head." in name, name in no_decay)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_head, nd), params in sorted(groups.items()):
+        out.append({"params": params, "lr": lr * (head_lr_mult if is_head else 1.0),
+                    "weight_decay": 0.0 if nd else weight_decay,
+                    "name": f"{'head' if is_head else 'backbone'}{'-no_decay' if nd else ''}"})
+    for g in out:
+        g["initial_lr"] = g["lr"]
+    return out
+
+
+# -- checkpoints (safetensors + JSON, never pickle) -------------------------------------------------
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    """Model weights, AdamW moments and the loop state in one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    scalars = {}
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+              for g in opt_state["param_groups"]]
+    meta = {"state": state, "optimizer_groups": groups, "optimizer_scalars": scalars,
+            "scaler": scaler.state_dict() if scaler is not None else None}
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"srmf-checkpoint": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: Optional["torch.amp.GradScaler"] = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; return the loop state.
+
+    Raises:
+        InputError: the checkpoint is missing, corrupt or belongs to another model/class table.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"--resume: no checkpoint at {path}")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads(fh.metadata()["srmf-checkpoint"])
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"--resume: the checkpoint {path} is unreadable ({exc})") from exc
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_sd, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"--resume: the checkpoint {path} does not fit this model/class table") from exc
+    opt_state = {"state": {}, "param_groups": meta["optimizer_groups"]}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            opt_state["state"].setdefault(int(idx), {})[name] = v
+    for k, v in meta["optimizer_scalars"].items():
+        idx, name = k.split(".", 1)
+        opt_state["state"].setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict(opt_state)
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return meta["state"]
+
+
+# -- validation ------------------------------------------------------------------------------------
+def confusion(pred: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
+    """int64 (K, K) confusion matrix, rows = reference, columns = prediction; 255 ignored in either."""
+    m = (ref != IGNORE_INDEX) & (pred != IGNORE_INDEX) & (ref < k) & (pred < k)
+    return np.bincount(ref[m].astype(np.int64) * k + pred[m], minlength=k * k).reshape(k, k)
+
+
+def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Per-class IoU = TP / (TP + FP + FN); NaN where the class is neither in the reference nor predicted."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, images: Sequence, num_classes: int, mean, std, device: torch.device,
+             window: int, stride: int, batch_size: int = 4) -> np.ndarray:
+    """Slide inference (as :mod:`core.segment`) on whole validation images → confusion matrix (K, K).
+
+    ``images``: objects with ``image`` float32 (3, H, W) in the model's value range and ``label``
+    uint8 (H, W) (255 = ignore).
+    """
+    from .segment import SlidePlan, WindowPredictor, slide_inference_in_memory
+
+    was_training = model.training
+    model.eval()
+    predictor = WindowPredictor(model, device)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for item in images:
+        img = np.array(item.image, dtype=np.float32, copy=True)
+        plan = SlidePlan(img.shape[1], img.shape[2], window, min(stride, window))
+        _, cls = slide_inference_in_memory(img, None, plan, predictor, num_classes, mean, std, batch_size)
+        cm += confusion(cls.cpu().numpy(), np.asarray(item.label), num_classes)
+    model.train(was_training)
+    return cm
+
+
+# -- distributed -------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _barrier(dist_info: DistInfo) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    iterations: int
+    best_iteration: Optional[int]
+    best_miou: Optional[float]
+    per_class_iou: Dict[str, Optional[float]]
+    history: List[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+
+
+def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images: Sequence, config: TrainConfig,
+               mean, std, device: torch.device, work_dir: Path, on_best: Callable[[nn.Module, dict], None],
+               reporter=None, resume: bool = False, dist_info: Optional[DistInfo] = None,
+               stop_after: Optional[int] = None) -> TrainResult:
+    """Train ``model`` in place.
+
+    Args:
+        model: the network (train mode is set here). class_names: K names, for the metrics.
+        sampler: ``sampler.batch(rng, n) -> (images float32 (n, 3, crop, crop) in the model's value
+            range, labels uint8 (n, crop, crop))`` (:class:`core.sampling.TrainingSampler`).
+        val_images: held-out images (``image`` (3, H, W), ``label`` (H, W)); may be empty.
+        mean, std: the model's normalisation. device: where to train.
+        work_dir: checkpoints go to ``work_dir / "checkpoint.safetensors"``.
+        on_best: called on rank 0 with (model, metrics) when validation mIoU improves (and at the end
+            when there is no validation data).
+        resume: continue from the checkpoint in ``work_dir``.
+        stop_after: stop (as if killed) after this many iterations — for tests of ``resume``.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    from .protocol import Reporter
+
+    rep = reporter or Reporter()
+    dist_info = dist_info or DistInfo()
+    K = len(class_names)
+    model.to(device).train()
+    net = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            net = DDP(net, device_ids=[device.index])
+        else:
+            net = DDP(model)
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    cuda = device.type == "cuda"
+    amp_dtype = None
+    if cuda and config.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = work_dir / "checkpoint.safetensors"
+    state = {"iteration": 0, "best_miou": None, "best_iteration": None, "best_per_class": {}, "history": [],
+             "first_loss": None, "seconds": 0.0}
+    if resume:
+        state = load_checkpoint(ckpt, model, optimizer, scaler)
+        rep.log(f"resumed from {ckpt} at iteration {state['iteration']}")
+    warmup = config.warmup()
+    window = config.val_window or config.crop
+    stride = config.val_stride or max(1, int(round(window * 2 / 3)))
+    t0 = time.perf_counter() - state.get("seconds", 0.0)
+    losses: List[float] = []
+    micro = max(1, config.batch_size // max(1, config.accumulate))
+    it = state["iteration"]
+    while it < config.iterations:
+        factor = lr_factor(it, config.iterations, warmup, config.poly_power)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        rng = np.random.default_rng([config.seed, it, dist_info.rank])
+        torch.manual_seed(int(rng.integers(2 ** 62)))
+        loss_sum = 0.0
+        for step in range(config.accumulate):
+            imgs, labels = sampler.batch(rng, micro)
+            x = torch.from_numpy(np.ascontiguousarray(imgs)).to(device, non_blocking=True)
+            y = torch.from_numpy(np.ascontiguousarray(labels)).to(device, non_blocking=True).long()
+            x = (x - mean_t) / std_t
+            ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else _null()
+            with ctx:
+                logits = net(x)
+            logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            if (y != IGNORE_INDEX).any():
+                loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX) / config.accumulate
+            else:  # an all-ignore batch: keep the graph (DDP needs every rank to backward) with zero loss
+                loss = logits.sum() * 0.0
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += float(loss.detach())
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        it += 1
+        losses.append(loss_sum)
+        if state["first_loss"] is None:
+            state["first_loss"] = loss_sum
+        rep.progress(it / config.iterations, "fine-tuning")
+        if it % config.log_interval == 0 or it == config.iterations:
+            recent = float(np.mean(losses[-config.log_interval:]))
+            rep.metrics({"iteration": it, "loss": recent, "lr": optimizer.param_groups[0]["lr"]},
+                        text=f"iteration {it}/{config.iterations}: loss {recent:.4f}")
+            state["history"].append({"iteration": it, "loss": recent})
+        evaluate_now = val_images and (it % config.eval_interval == 0 or it == config.iterations)
+        if evaluate_now:
+            if dist_info.is_main:
+                cm = validate(model, val_images, K, mean, std, device, window, stride)
+                iou = iou_from_confusion(cm)
+                miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+                per_class = {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(class_names, iou)}
+                oa = float(np.trace(cm) / max(1, cm.sum()))
+                rep.metrics({"iteration": it, "miou": round(miou, 4), "overall_accuracy": round(oa, 4),
+                             "per_class_iou": per_class},
+                            text=f"validation at {it}: mIoU {miou:.4f}, OA {oa:.4f}; "
+                                 + ", ".join(f"{n} {v if v is not None else 'n/a'}" for n, v in per_class.items()))
+                state["history"].append({"iteration": it, "miou": miou, "per_class_iou": per_class})
+                if state["best_miou"] is None or miou > state["best_miou"]:
+                    state.update(best_miou=miou, best_iteration=it, best_per_class=per_class)
+                    on_best(model, {"miou": round(miou, 4), "overall_accuracy": round(oa, 4),
+                                    "per_class_iou": per_class, "iteration": it,
+                                    "confusion_matrix": cm.tolist()})
+            _barrier(dist_info)
+        if it % config.checkpoint_interval == 0 or it == config.iterations:
+            state["iteration"] = it
+            state["seconds"] = time.perf_counter() - t0
+            if dist_info.is_main:
+                save_checkpoint(ckpt, model, optimizer, state, scaler)
+            _barrier(dist_info)
+        if stop_after is not None and it >= stop_after:
+            raise Cancelled(f"stopped after iteration {it} (stop_after)")
+    if not val_images and dist_info.is_main:
+        on_best(model, {"iteration": it, "note": "no validation data: the last iteration's model"})
+    return TrainResult(iterations=it, best_iteration=state["best_iteration"], best_miou=state["best_miou"],
+                       per_class_iou=state["best_per_class"], history=state["history"],
+                       seconds=time.perf_counter() - t0, first_loss=state["first_loss"],
+                       last_loss=losses[-1] if losses else None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
