@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
+    from .evaluate import add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser(
+        "evaluate", help="accuracy assessment of a class raster against a reference raster or polygons"))
     return p
 
 
@@ -88,7 +92,13 @@ def _cmd_segment(args, rep: Reporter) -> dict:
     return result
 
 
-COMMANDS = {"info": _cmd_info, "segment": _cmd_segment}
+def _cmd_evaluate(args, rep: Reporter) -> dict:
+    from .evaluate import run_evaluate_command
+
+    return run_evaluate_command(args, rep)
+
+
+COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "evaluate": _cmd_evaluate}
 
 
 def _raise_cancelled(signum, frame):
