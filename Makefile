@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON_SYS ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-qgis qgis-providers gdal-bin python3-gdal python3-venv python3-pip xvfb
+APT_PACKAGES := python3-qgis qgis-providers gdal-bin python3-gdal python3-scipy python3-venv python3-pip xvfb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEFAULT_MODEL := resources/models/default.srmf
 export QT_QPA_PLATFORM ?= offscreen
@@ -39,16 +39,44 @@ default-model: $(DEFAULT_MODEL)
 $(DEFAULT_MODEL): | $(VENV)/.installed
 	$(PY) -m core.default_model $@
 
+# The main job headless: QGIS Processing srmf:segment on a real GeoTIFF with the default model; writes the
+# styled class raster (+ .qml), polygons, the area table and a PNG quick-look into demo-output/.
+DEMO_INPUT ?= ../shared/data/deepforest_neon_osbs/OSBS_029.tif
 demo: install
-	$(PY) -m core segment ../shared/data/openearthmap_adelaide/adelaide_2.tif demo-output/adelaide_2_classes.tif \
-	  --probabilities demo-output/adelaide_2_confidence.tif --overwrite
-	$(PY) -m core info $(DEFAULT_MODEL)
+	SRMF_PYTHON=$(abspath $(PY)) $(PY) scripts/demo.py $(DEMO_INPUT) --output demo-output
 
 test: install
 	$(PY) -m pytest -p no:pytest_qgis -q tests/core
+	$(QGIS_TESTS)
 
 test-core: install
 	$(PY) -m pytest -p no:pytest_qgis -q tests/core
+
+# The QGIS side (real QGIS, pytest-qgis, offscreen) in its own pytest process: torch and QGIS never
+# share one. The engine runs in the .venv (SRMF_PYTHON). Screenshots go to tests/artifacts/.
+.PHONY: test-qgis package deploy
+QGIS_TESTS = SRMF_PYTHON=$(abspath $(PY)) QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q tests/qgis tests/ui
+
+test-qgis: install
+	$(QGIS_TESTS)
+
+# A ZIP for QGIS's "Install from ZIP" (dist/srmf-<version>.zip); DIST=folder to put it elsewhere.
+DIST ?= dist
+package:
+	@test -f $(DEFAULT_MODEL) || $(MAKE) --no-print-directory default-model
+	$(PYTHON_SYS) scripts/package.py --output $(DIST)
+
+# Link this folder into a QGIS profile as the plugin "srmf" (QGIS_PROFILE=default); it then runs the
+# engine with this folder's .venv. Restart QGIS and enable SRMF in Plugins > Manage and Install Plugins.
+QGIS_PROFILE ?= default
+QGIS_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/$(QGIS_PROFILE)/python/plugins
+deploy: install
+	@mkdir -p "$(QGIS_PLUGINS)"
+	@if [ -e "$(QGIS_PLUGINS)/srmf" ] && [ ! -L "$(QGIS_PLUGINS)/srmf" ]; then \
+	  echo "$(QGIS_PLUGINS)/srmf exists and is not a link (an installed ZIP?): remove it first"; exit 1; fi
+	ln -sfn "$(CURDIR)" "$(QGIS_PLUGINS)/srmf"
+	@echo "Linked $(QGIS_PLUGINS)/srmf -> $(CURDIR)"
+	@echo "Restart QGIS, then enable SRMF in Plugins > Manage and Install Plugins > Installed."
 
 bench: install
 	$(PY) -m bench.segment

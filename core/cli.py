@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
     from .evaluate import add_evaluate_arguments
+    from .finetune import add_finetune_arguments
+
+    add_finetune_arguments(sub.add_parser("finetune", help="fine-tune a model on labelled rasters (SRMF training)"))
 
     add_evaluate_arguments(sub.add_parser(
         "evaluate", help="accuracy assessment of a class raster against a reference raster or polygons"))
@@ -98,7 +101,13 @@ def _cmd_evaluate(args, rep: Reporter) -> dict:
     return run_evaluate_command(args, rep)
 
 
-COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "evaluate": _cmd_evaluate}
+def _cmd_finetune(args, rep: Reporter) -> dict:
+    from .finetune import run_finetune_command
+
+    return run_finetune_command(args, rep)
+
+
+COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune}
 
 
 def _raise_cancelled(signum, frame):

@@ -63,6 +63,13 @@ class TrainConfig:
     val_window: Optional[int] = None  # default: crop
     val_stride: Optional[int] = None  # default: 2/3 of the window (341 for 512)
     log_interval: int = 10
+    max_seconds: Optional[float] = None  # wall-clock budget: stop (validate, checkpoint) when spent
+
+    def inference_window(self) -> Tuple[int, int]:
+        """(window, stride) for validation and for the written model: the paper's 512/341 unless set;
+        the network is fully convolutional, so a small training crop need not shrink the window."""
+        window = int(self.val_window or max(512, self.crop))
+        return window, int(self.val_stride or max(1, int(round(window * 2 / 3))))
 
     def warmup(self) -> int:
         if self.warmup_iterations is not None:
@@ -239,6 +246,35 @@ def _barrier(dist_info: DistInfo) -> None:
         dist.barrier()
 
 
+class SampleBatcher:
+    """Batches of ``n`` samples from a :class:`core.sampling.TrainingSampler`, drawn with the
+    generator it is given (seeded per iteration by the loop, so a resumed run draws the same batches).
+
+    Each call draws images (uniformly) and takes all their MARS/SRR-TA samples until there are ``n``,
+    then keeps a random ``n`` of them: batches mix the scales of one or a few images, as the paper's.
+    """
+
+    def __init__(self, sampler, max_empty_draws: int = 200):
+        self.sampler = sampler
+        self.max_empty_draws = max_empty_draws
+        if not sampler.images:
+            raise InputError("No training image has a labelled pixel: nothing to learn from")
+
+    def batch(self, rng: np.random.Generator, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """float32 (n, 3, crop, crop) images in the model's value range, uint8 (n, crop, crop) labels."""
+        samples, empty = [], 0
+        while len(samples) < n:
+            got = self.sampler.draw(int(rng.integers(len(self.sampler.images))), int(rng.integers(1 << 31)))
+            empty = 0 if got else empty + 1
+            if empty >= self.max_empty_draws:
+                raise InputError("The sampler gives no training crop from these labels")
+            samples.extend(got)
+        pick = rng.permutation(len(samples))[:n]
+        images = np.stack([np.asarray(samples[i].image, dtype=np.float32) for i in pick])
+        labels = np.stack([np.asarray(samples[i].label, dtype=np.uint8) for i in pick])
+        return images, labels
+
+
 # -- the loop ------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -305,8 +341,7 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
         state = load_checkpoint(ckpt, model, optimizer, scaler)
         rep.log(f"resumed from {ckpt} at iteration {state['iteration']}")
     warmup = config.warmup()
-    window = config.val_window or config.crop
-    stride = config.val_stride or max(1, int(round(window * 2 / 3)))
+    window, stride = config.inference_window()
     t0 = time.perf_counter() - state.get("seconds", 0.0)
     losses: List[float] = []
     micro = max(1, config.batch_size // max(1, config.accumulate))
@@ -352,7 +387,10 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
             rep.metrics({"iteration": it, "loss": recent, "lr": optimizer.param_groups[0]["lr"]},
                         text=f"iteration {it}/{config.iterations}: loss {recent:.4f}")
             state["history"].append({"iteration": it, "loss": recent})
-        evaluate_now = val_images and (it % config.eval_interval == 0 or it == config.iterations)
+        out_of_time = config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
+        if out_of_time:
+            rep.log(f"the time budget of {config.max_seconds:.0f} s is spent: stopping at iteration {it}")
+        evaluate_now = val_images and (it % config.eval_interval == 0 or it == config.iterations or out_of_time)
         if evaluate_now:
             if dist_info.is_main:
                 cm = validate(model, val_images, K, mean, std, device, window, stride)
@@ -371,7 +409,7 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
                                     "per_class_iou": per_class, "iteration": it,
                                     "confusion_matrix": cm.tolist()})
             _barrier(dist_info)
-        if it % config.checkpoint_interval == 0 or it == config.iterations:
+        if it % config.checkpoint_interval == 0 or it == config.iterations or out_of_time:
             state["iteration"] = it
             state["seconds"] = time.perf_counter() - t0
             if dist_info.is_main:
@@ -379,6 +417,8 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
             _barrier(dist_info)
         if stop_after is not None and it >= stop_after:
             raise Cancelled(f"stopped after iteration {it} (stop_after)")
+        if out_of_time:
+            break
     if not val_images and dist_info.is_main:
         on_best(model, {"iteration": it, "note": "no validation data: the last iteration's model"})
     return TrainResult(iterations=it, best_iteration=state["best_iteration"], best_miou=state["best_miou"],
