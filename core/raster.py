@@ -203,7 +203,8 @@ class StripReader:
         """Rows ``y0 .. y0+rows`` (clipped to the raster) of every column.
 
         Returns:
-            ``(data, valid)``: data float32 (n_bands, rows, width) in the model's value range; valid
+            ``(data, valid)``: data (n_bands, rows, width) in the model's value range — the raster's own
+            type (uint8) when no scaling applies, else float32 (4 times smaller strips for uint8); valid
             bool (rows, width), or ``None`` when the raster has no nodata at all.
         """
         rows = min(rows, self.height - y0)
@@ -216,8 +217,9 @@ class StripReader:
                 v = _valid_mask_for_band(band, 0, y0, self.width, rows, self.width, rows, arr)
                 valid = v if valid is None else (valid | v)
             raw[b] = arr
-        data = np.stack([raw[b] for b in self.bands]).astype(np.float32, copy=False)
-        data = self.scaling.apply(data)
+        data = np.stack([raw[b] for b in self.bands])
+        if not self.scaling.identity:
+            data = self.scaling.apply(data.astype(np.float32))
         return data, valid
 
 

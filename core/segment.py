@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import Cancelled, InputError
 
-RowsCallback = Callable[[int, torch.Tensor, Optional[np.ndarray]], None]
+RowsCallback = Callable[[int, "RowBlock"], None]
 
 
 def window_offsets(size: int, window: int, stride: int) -> List[int]:
@@ -104,12 +104,14 @@ class WindowPredictor:
 
 
 def normalise(data: np.ndarray, valid: Optional[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(x - mean) / std per band, in place on float32 (n, rows, cols); nodata pixels set to 0 (the mean)."""
-    data -= np.asarray(mean, dtype=np.float32)[:, None, None]
-    data /= np.asarray(std, dtype=np.float32)[:, None, None]
+    """(x - mean) / std per band of (n, rows, cols) data → a new float32 array; nodata pixels set to 0
+    (the mean, so they add nothing to their neighbours)."""
+    out = data.astype(np.float32)  # always a copy: strips stay in their raw (often uint8) type
+    out -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(std, dtype=np.float32)[:, None, None]
     if valid is not None:
-        data[:, ~valid] = 0.0
-    return data
+        out[:, ~valid] = 0.0
+    return out
 
 
 @dataclass
@@ -125,13 +127,34 @@ def _batched(items: Sequence, n: int) -> Iterator[Sequence]:
         yield items[i:i + n]
 
 
-def _window_tensor(strip: np.ndarray, wins: Sequence[Window], y0: int, window: int) -> torch.Tensor:
-    """Stack windows cut from a strip (rows from ``y0``) into (B, n, window, window), zero-padded."""
+def _window_tensor(strip: np.ndarray, valid: Optional[np.ndarray], wins: Sequence[Window], y0: int, window: int,
+                   mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Windows cut from a raw strip (rows from ``y0``), normalised, stacked into (B, n, window, window)
+    float32, zero-padded (in normalised units) where the raster is smaller than the window."""
     n = strip.shape[0]
     out = torch.zeros((len(wins), n, window, window), dtype=torch.float32)
     for i, w in enumerate(wins):
-        out[i, :, :w.h, :w.w] = torch.from_numpy(strip[:, w.y - y0:w.y - y0 + w.h, w.x:w.x + w.w])
+        rows, cols = slice(w.y - y0, w.y - y0 + w.h), slice(w.x, w.x + w.w)
+        tile = normalise(strip[:, rows, cols], None if valid is None else valid[rows, cols], mean, std)
+        out[i, :, :w.h, :w.w] = torch.from_numpy(tile)
     return out
+
+
+class RowBlock:
+    """Finished rows of the accumulator: ``acc`` float32 (K, rows, width) logit sums and ``cnt``
+    float32 (rows, width) window counts, on the compute device; ``valid`` bool (rows, width) or None."""
+
+    def __init__(self, acc: torch.Tensor, cnt: torch.Tensor, valid: Optional[np.ndarray]):
+        self.acc, self.cnt, self.valid = acc, cnt, valid
+
+    def logits(self) -> torch.Tensor:
+        """Averaged logits float32 (K, rows, width); NaN where no window voted (all nodata)."""
+        return self.acc / self.cnt
+
+    def classes(self) -> torch.Tensor:
+        """uint8 (rows, width) class ids; 255 where nodata or never covered."""
+        v = None if self.valid is None else torch.from_numpy(self.valid).to(self.acc.device)
+        return classes_from_accumulator(self.acc, self.cnt, v)
 
 
 class SlidePlan:
@@ -166,17 +189,19 @@ def stream_segmentation(read_strip: Callable[[int, int], Tuple[np.ndarray, Optio
     """Sliding-window inference, strip by strip, handing each block of finished rows to ``on_rows``.
 
     Args:
-        read_strip: ``(y0, rows) -> (data float32 (n, rows, width) in the model's value range,
-            valid bool (rows, width) or None)``.
+        read_strip: ``(y0, rows) -> (data (n, rows, width) in the model's value range, uint8 or
+            float32; valid bool (rows, width) or None)``.
         plan: the window grid.
         predictor: the network on its device.
         num_classes: K.
         mean, std: the model's normalisation (value-range units).
         batch_size: windows per forward pass (windows of one strip row are batched together).
-        on_rows: ``on_rows(y0, logits, valid)`` with the averaged logits float32 (K, rows, width) on the
-            device (rows never covered by a window — all nodata — hold NaN) and the validity mask.
+        on_rows: ``on_rows(y0, block)`` with a :class:`RowBlock` of the rows ``y0 ..`` that no later
+            window covers (its tensors are reused afterwards: copy what you keep).
         progress: called with the fraction of windows done.
         prefetch: read the next strip in a background thread while the current one is computed.
+
+    Memory: the accumulator K × window × width float32 on the device, two raw strips, one batch.
 
     Returns:
         ``{"windows": total, "skipped_windows": n, "forward_seconds": s}``.
@@ -198,13 +223,12 @@ def stream_segmentation(read_strip: Callable[[int, int], Tuple[np.ndarray, Optio
                     pending = pool.submit(read_strip, ys[r + 1], win_h)
             else:
                 data, valid = read_strip(y, win_h)
-            normalise(data, valid, mean, std)
             row = plan.row(y)
             active = _active(row, valid, y)
             skipped += len(row) - len(active)
             for chunk in _batched(active, batch_size):
                 t0 = time.perf_counter()
-                logits = predictor(_window_tensor(data, chunk, y, plan.window))
+                logits = predictor(_window_tensor(data, valid, chunk, y, plan.window, mean, std))
                 for i, w in enumerate(chunk):
                     acc[:, :w.h, w.x:w.x + w.w] += logits[i, :, :w.h, :w.w]
                     cnt[:w.h, w.x:w.x + w.w] += 1.0
@@ -219,13 +243,17 @@ def stream_segmentation(read_strip: Callable[[int, int], Tuple[np.ndarray, Optio
             # Rows [y, next_y) are covered by no later window: finish and hand them over.
             next_y = ys[r + 1] if r + 1 < len(ys) else plan.height
             n_done = next_y - y
-            block = acc[:, :n_done] / cnt[:n_done]  # 0/0 → NaN where no window voted (all nodata)
-            on_rows(y, block, None if valid is None else valid[:n_done])
+            on_rows(y, RowBlock(acc[:, :n_done], cnt[:n_done], None if valid is None else valid[:n_done]))
+            del data, valid
             if r + 1 < len(ys):
                 keep = win_h - n_done
-                acc[:, :keep] = acc[:, n_done:].clone()
+                if n_done >= keep:  # source and target rows do not overlap: copy in place
+                    acc[:, :keep].copy_(acc[:, n_done:])
+                    cnt[:keep].copy_(cnt[n_done:])
+                else:
+                    acc[:, :keep] = acc[:, n_done:].clone()
+                    cnt[:keep] = cnt[n_done:].clone()
                 acc[:, keep:] = 0.0
-                cnt[:keep] = cnt[n_done:].clone()
                 cnt[keep:] = 0.0
     finally:
         if pool:
@@ -239,15 +267,14 @@ def slide_inference_in_memory(image: np.ndarray, valid: Optional[np.ndarray], pl
     """The plain reference: the whole image in memory and one full logit tensor (naive accumulator).
 
     Same windows, order and batches as :func:`stream_segmentation`, so results are comparable bit for
-    bit. Memory grows with the raster: use it for tests and benchmarks, not for real work.
+    bit. Memory grows with the raster: use it for tests, benchmarks and small validation images.
 
     Args:
-        image: float32 (n, H, W) in the model's value range (modified in place); valid: bool (H, W) or None.
+        image: (n, H, W) in the model's value range (uint8 or float32); valid: bool (H, W) or None.
 
     Returns:
         ``(logits float32 (K, H, W) averaged, NaN where no window voted; classes uint8 (H, W), 255 = nodata)``.
     """
-    normalise(image, valid, mean, std)
     K, H, W = num_classes, plan.height, plan.width
     acc = torch.zeros((K, H, W), dtype=torch.float32, device=predictor.device)
     cnt = torch.zeros((H, W), dtype=torch.float32, device=predictor.device)
@@ -256,19 +283,20 @@ def slide_inference_in_memory(image: np.ndarray, valid: Optional[np.ndarray], pl
         strip_valid = None if valid is None else valid[y:y + plan.win_h]
         active = _active(row, strip_valid, y)
         for chunk in _batched(active, batch_size):
-            logits = predictor(_window_tensor(image[:, y:y + plan.win_h], chunk, y, plan.window))
+            logits = predictor(_window_tensor(image[:, y:y + plan.win_h], strip_valid, chunk, y, plan.window,
+                                              mean, std))
             for i, w in enumerate(chunk):
                 acc[:, w.y:w.y + w.h, w.x:w.x + w.w] += logits[i, :, :w.h, :w.w]
                 cnt[w.y:w.y + w.h, w.x:w.x + w.w] += 1.0
-    logits = acc / cnt
-    classes = logits_to_classes(logits, None if valid is None else torch.from_numpy(valid).to(logits.device))
-    return logits, classes
+    block = RowBlock(acc, cnt, valid)
+    return block.logits(), block.classes()
 
 
-def logits_to_classes(logits: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """argmax over classes of (K, rows, cols) logits → uint8 (rows, cols); 255 where invalid or NaN."""
-    classes = torch.nan_to_num(logits, nan=-torch.inf).argmax(0).to(torch.uint8)
-    nodata = torch.isnan(logits[0])
+def classes_from_accumulator(acc: torch.Tensor, cnt: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """argmax over classes of (K, rows, cols) logit sums → uint8 (rows, cols); 255 where invalid or
+    never covered. The sum's argmax is the mean's (the count is positive), without a K×rows×cols copy."""
+    classes = acc.argmax(0).to(torch.uint8)
+    nodata = cnt <= 0
     if valid is not None:
         nodata |= ~valid
     classes[nodata] = 255
@@ -276,7 +304,8 @@ def logits_to_classes(logits: torch.Tensor, valid: Optional[torch.Tensor]) -> to
 
 
 # -- the segment job ------------------------------------------------------------------------------
-DEFAULT_BATCH = {"cpu": 4, "cuda": 16}
+DEFAULT_BATCH = {"cpu": 2, "cuda": 16}  # CPU: each window in a batch costs ~330 MiB in the head
+GDAL_CACHE_BYTES = 256 * 1024 * 1024
 PROBABILITY_SCALE = 250  # uint8 probability = round(p * 250); 255 = nodata; GDAL scale 1/250
 
 
@@ -326,14 +355,19 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     Raises:
         InputError / ModelFileError: bad input, named; nothing is left under the output names.
     """
+    from osgeo import gdal
+
     from .modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model
     from .protocol import Reporter
     from .raster import (AtomicGeoTIFF, StripReader, check_output_path, compute_scaling, crs_label, open_raster,
                          select_bands, style_class_band)
-    from osgeo import gdal
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
+    # Finished rows are written as they come; a small block cache keeps GDAL from holding the whole
+    # output raster in memory until the end (its default is 5 % of RAM).
+    if gdal.GetCacheMax() > GDAL_CACHE_BYTES:
+        gdal.SetCacheMax(GDAL_CACHE_BYTES)
     # Parameters first: a wrong value fails at once, before the model or the raster is opened.
     if window is not None or stride is not None:
         validate_window(window if window is not None else 512,
@@ -390,14 +424,13 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                 b.SetScale(1.0 / PROBABILITY_SCALE)
                 b.SetOffset(0.0)
 
-        def on_rows(y0: int, logits: torch.Tensor, valid: Optional[np.ndarray]) -> None:
-            v = None if valid is None else torch.from_numpy(valid).to(logits.device)
-            cls = logits_to_classes(logits, v)
+        def on_rows(y0: int, block: RowBlock) -> None:
+            cls = block.classes()
             arr = cls.cpu().numpy()
             cls_out.band(1).WriteArray(arr, 0, y0)
             counts[:] += np.bincount(arr.ravel(), minlength=256)
             if prob_out is not None:
-                p = torch.softmax(torch.nan_to_num(logits, nan=0.0), dim=0)
+                p = torch.softmax(torch.nan_to_num(block.logits(), nan=0.0), dim=0)
                 q = torch.round(p * PROBABILITY_SCALE).to(torch.uint8)
                 q[:, cls == 255] = 255
                 q = q.cpu().numpy()

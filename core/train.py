@@ -203,7 +203,7 @@ def validate(model: nn.Module, images: Sequence, num_classes: int, mean, std, de
     predictor = WindowPredictor(model, device)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     for item in images:
-        img = np.array(item.image, dtype=np.float32, copy=True)
+        img = np.asarray(item.image)
         plan = SlidePlan(img.shape[1], img.shape[2], window, min(stride, window))
         _, cls = slide_inference_in_memory(img, None, plan, predictor, num_classes, mean, std, batch_size)
         cm += confusion(cls.cpu().numpy(), np.asarray(item.label), num_classes)

@@ -61,8 +61,8 @@ def test_streaming_equals_in_memory_slide_inference(tmp_path, random_model, path
     # 1. the streaming engine's averaged logits, row block by row block
     blocks = {}
 
-    def on_rows(y0, logits, v):
-        blocks[y0] = logits.clone()
+    def on_rows(y0, block):
+        blocks[y0] = block.logits().clone()
 
     inp = lm.header["input"]
     stream_segmentation(reader.read, plan, predictor, lm.num_classes, inp["mean"], inp["std"], batch, on_rows)
@@ -196,7 +196,7 @@ def test_mit_backbone_streams_like_in_memory(random_mit_model):
     rows = {}
     inp = lm.header["input"]
     stream_segmentation(reader.read, plan, predictor, lm.num_classes, inp["mean"], inp["std"], 2,
-                        lambda y, l, v: rows.__setitem__(y, l.clone()), prefetch=False)
+                        lambda y, b: rows.__setitem__(y, b.logits().clone()), prefetch=False)
     got = torch.cat([rows[y] for y in sorted(rows)], 1)
     ok = ~torch.isnan(ref_logits)
     assert torch.equal(torch.isnan(got), ~ok)
