@@ -1,12 +1,14 @@
 """Command-line interface of the SRMF engine: ``python -m core <command> ... [--json]``.
 
-Commands: ``info MODEL`` (describe a model file), ``segment INPUT OUTPUT`` (streaming segmentation).
+Commands: ``info MODEL`` (describe a model file), ``segment INPUT OUTPUT`` (streaming segmentation),
+``finetune``, ``evaluate``, ``findclass RASTER EXAMPLES OUTPUT_DIR`` (cold-start class discovery).
 Exit codes: 0 success, 1 engine error, 2 bad input (file, band or parameter), 130 cancelled.
 With ``--json`` every message is a JSON line (see :mod:`core.protocol`).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -33,7 +35,17 @@ def _int_arg(name):
     return conv
 
 
-def build_parser() -> argparse.ArgumentParser:
+HEAVY_COMMANDS = {
+    "finetune": (".finetune", "add_finetune_arguments", "fine-tune a model on labelled rasters (SRMF training)"),
+    "evaluate": (".evaluate", "add_evaluate_arguments",
+                 "accuracy assessment of a class raster against a reference raster or polygons"),
+    "findclass": (".coldstart", "add_findclass_arguments",
+                  "find where a new class occurs from a few example polygons (relevance raster, ranked candidates)"),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; ``command`` = the subcommand being run (its arguments are registered)."""
     p = _Parser(prog="python -m core", description="SRMF engine: long-tail-aware segmentation of UHR imagery.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -53,13 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
-    from .evaluate import add_evaluate_arguments
-    from .finetune import add_finetune_arguments
-
-    add_finetune_arguments(sub.add_parser("finetune", help="fine-tune a model on labelled rasters (SRMF training)"))
-
-    add_evaluate_arguments(sub.add_parser(
-        "evaluate", help="accuracy assessment of a class raster against a reference raster or polygons"))
+    # Commands whose modules import torch register their arguments only when they are the command
+    # being run, so that `info` and `--help` stay light (no torch import).
+    for name, (module, adder, help_text) in HEAVY_COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        if command == name:
+            getattr(importlib.import_module(module, __package__), adder)(sp)
+        else:
+            sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -107,7 +120,14 @@ def _cmd_finetune(args, rep: Reporter) -> dict:
     return run_finetune_command(args, rep)
 
 
-COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune}
+def _cmd_findclass(args, rep: Reporter) -> dict:
+    from .coldstart import run_findclass_command
+
+    return run_findclass_command(args, rep)
+
+
+COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune,
+            "findclass": _cmd_findclass}
 
 
 def _raise_cancelled(signum, frame):
@@ -119,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rep = Reporter(json_mode="--json" in argv)
     signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
-        args = build_parser().parse_args(argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        args = build_parser(command).parse_args(argv)
         COMMANDS[args.command](args, rep)
         return 0
     except SRMFError as exc:

@@ -68,6 +68,12 @@ def _sniff(path: Path) -> Tuple[int, dict]:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        framed = 2 <= n <= _MAX_HEADER and 8 + n <= size
+        raw = fh.read(n) if framed else b""
+    # The safetensors framing is checked first: a valid header length may itself start with a byte
+    # that looks like a pickle opcode (e.g. 0x80), so sniffing magic bytes first would refuse good files.
+    if not (framed and raw[:1] == b"{"):
         if head[:1] == b"\x80" or head[:2] in (b"(d", b"}q", b"cc"):
             raise ModelFileError(f"{path} is a Python pickle, not an SRMF model; SRMF never unpickles "
                                  "model files (they may execute code). Convert the weights to safetensors.")
@@ -76,11 +82,9 @@ def _sniff(path: Path) -> Tuple[int, dict]:
                                  "model; SRMF never unpickles model files. Convert the weights to safetensors.")
         if len(head) < 8:
             raise ModelFileError(f"{path} is not an SRMF model file: only {size} bytes (truncated or empty)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+        if not framed:
             raise ModelFileError(f"{path} is not an SRMF model file (no safetensors header), or it is "
                                  f"truncated: header length {n} for a file of {size} bytes")
-        raw = fh.read(n)
     if not raw.lstrip()[:1] == b"{":
         raise ModelFileError(f"{path} is not an SRMF model file (no JSON header)")
     try:

@@ -119,3 +119,29 @@ def test_info_command_prints_the_header(random_model):
     text = subprocess.run([sys.executable, "-m", "core", "info", str(random_model)], cwd=ROOT, env=engine_env(),
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "building" in text.stdout and "efficientnet_lite0" in text.stdout
+
+
+def test_a_header_length_that_looks_like_a_pickle_opcode_is_still_a_model(tmp_path, random_model):
+    """Regression: a safetensors header length whose first byte is 0x80 (a pickle opcode) was refused."""
+    from safetensors.torch import load_file
+
+    header = read_header(random_model)
+    state = load_file(str(random_model))
+    for pad in range(300):  # safetensors pads the header to 8 bytes: n mod 256 takes 32 values
+        header["provenance"]["note"] = "x" * pad
+        path = tmp_path / f"pad{pad}.srmf"
+        save_file(state, str(path), metadata={"srmf": json.dumps(header)})
+        if path.read_bytes()[0] == 0x80:
+            break
+        path.unlink()
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    assert load_model(path).num_classes == 5
+
+
+def test_info_does_not_import_torch(random_model):
+    code = ("import sys; from core.cli import main; rc = main(['info', sys.argv[1], '--json']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    run = subprocess.run([sys.executable, "-c", code, str(random_model)], cwd=ROOT, env=engine_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip().splitlines()[-1] == "NO-TORCH 0", run.stdout + run.stderr
