@@ -1,0 +1,7 @@
+"""The SRMF Processing algorithms: each declares parameters and builds a job for the engine."""
+from .evaluate import EvaluateAlgorithm
+from .finetune import FinetuneAlgorithm
+from .modelinfo import ModelInfoAlgorithm
+from .segment import SegmentAlgorithm
+
+ALGORITHMS = (SegmentAlgorithm, FinetuneAlgorithm, EvaluateAlgorithm, ModelInfoAlgorithm)

@@ -1,0 +1,190 @@
+"""What the SRMF algorithms share: running the engine, devices, optional numbers, help text."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingParameterEnum, QgsProcessingParameterNumber, QgsProcessingParameterDefinition)
+from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtGui import QIcon
+
+from .. import runtime
+
+ICONS = runtime.PLUGIN_DIR / "resources" / "icons"
+DEVICES = ["Automatic (a CUDA GPU if there is one, else the CPU)", "CPU", "CUDA GPU"]
+
+
+def icon(name: str) -> QIcon:
+    return QIcon(str(ICONS / f"{name}.svg"))
+
+
+def advanced(param):
+    param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    return param
+
+
+class ScaledFeedback(QgsProcessingFeedback):
+    """Relays a child step's 0..100 % onto ``lo..hi`` of a parent feedback, and the parent's cancel."""
+
+    def __init__(self, parent: QgsProcessingFeedback, lo: float, hi: float):
+        super().__init__()
+        self._parent, self._lo, self._hi = parent, lo, hi
+        parent.canceled.connect(self.cancel)
+        self.progressChanged.connect(lambda p: parent.setProgress(lo + (hi - lo) * p / 100.0))
+        if parent.isCanceled():
+            self.cancel()
+
+    def pushInfo(self, info):  # noqa: N802
+        self._parent.pushInfo(info)
+
+    def pushWarning(self, warning):  # noqa: N802
+        self._parent.pushWarning(warning)
+
+    def reportError(self, error, fatalError=False):  # noqa: N802,N803
+        self._parent.reportError(error, fatalError)
+
+    def pushDebugInfo(self, info):  # noqa: N802
+        self._parent.pushDebugInfo(info)
+
+    def pushCommandInfo(self, info):  # noqa: N802
+        self._parent.pushCommandInfo(info)
+
+    def pushConsoleInfo(self, info):  # noqa: N802
+        self._parent.pushConsoleInfo(info)
+
+    def setProgressText(self, text):  # noqa: N802
+        self._parent.setProgressText(text)
+
+
+class SRMFAlgorithm(QgsProcessingAlgorithm):
+    """Base class: an algorithm only declares parameters and turns them into an engine job."""
+
+    _name = ""
+    _display = ""
+    _icon = "srmf"
+
+    def tr(self, text: str) -> str:
+        return QCoreApplication.translate("SRMF", text)
+
+    def createInstance(self):  # noqa: N802
+        return type(self)()
+
+    def name(self) -> str:
+        return self._name
+
+    def displayName(self) -> str:  # noqa: N802
+        return self.tr(self._display)
+
+    def icon(self) -> QIcon:
+        return icon(self._icon)
+
+    def help_html(self, text: str) -> str:
+        """Help text for the dialog: QGIS shows a newline as a line break, so paragraphs are one line."""
+        return self.tr(" ".join(line.strip() for line in text.strip().splitlines()))
+
+    def helpUrl(self) -> str:  # noqa: N802 - the README shipped with the plugin (usage, screenshots)
+        readme = runtime.PLUGIN_DIR / "README.md"
+        return readme.as_uri() if readme.is_file() else "https://arxiv.org/abs/2504.19839"
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        """Processing's check, with a clear message for a layer file that is missing or unreadable
+        (instead of "Could not load source layer ... not found")."""
+        ok, msg = super().checkParameterValues(parameters, context)
+        if ok:
+            return ok, msg
+        for d in self.parameterDefinitions():
+            value = parameters.get(d.name())
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, str) and v and ("/" in v or "\\" in v or os.path.splitext(v)[1]):
+                    problem = unreadable_layer_file(v, d.description())
+                    if problem:
+                        return False, problem
+        return ok, msg
+
+    # -- parameters -------------------------------------------------------------------------------
+    def add_device_parameters(self):
+        self.addParameter(advanced(QgsProcessingParameterEnum(
+            "DEVICE", self.tr("Processor type (device)"), options=DEVICES, defaultValue=0)))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            "GPU_ID", self.tr("GPU ID (for CUDA GPU)"), QgsProcessingParameterNumber.Integer, defaultValue=0,
+            minValue=0, maxValue=63)))
+
+    def device_arg(self, parameters, context) -> str:
+        choice = self.parameterAsEnum(parameters, "DEVICE", context)
+        if choice == 1:
+            return "cpu"
+        if choice == 2:
+            return f"cuda:{self.parameterAsInt(parameters, 'GPU_ID', context)}"
+        return "auto"
+
+    def optional_int(self, parameters, name, context) -> Optional[int]:
+        value = parameters.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()) or _is_null(value):
+            return None
+        return self.parameterAsInt(parameters, name, context)
+
+    def optional_double(self, parameters, name, context) -> Optional[float]:
+        value = parameters.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()) or _is_null(value):
+            return None
+        return self.parameterAsDouble(parameters, name, context)
+
+    def model_path(self, parameters, name, context, what="model") -> Optional[str]:
+        """An absolute model path, or None for the embedded default model."""
+        path = (self.parameterAsFile(parameters, name, context) or "").strip()
+        if not path:
+            return None
+        path = os.path.abspath(path)
+        if not os.path.exists(path):
+            raise QgsProcessingException(f"The {what} file {path} does not exist.")
+        return path
+
+    # -- running the engine -------------------------------------------------------------------------
+    def run_engine(self, command: str, args: Sequence[str], feedback, outputs: Sequence[str] = (),
+                   require_torch: bool = True, progress_range=(0.0, 100.0)) -> dict:
+        """Run the engine; its errors become QgsProcessingException with the engine's message."""
+        try:
+            return runtime.run_engine(command, args, feedback, outputs=outputs, require_torch=require_torch,
+                                      progress_range=progress_range)
+        except runtime.EngineError as exc:
+            raise QgsProcessingException(str(exc)) from None
+
+
+def _is_null(value) -> bool:
+    try:
+        from qgis.PyQt.QtCore import QVariant
+
+        return isinstance(value, QVariant) and value.isNull()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def unreadable_layer_file(path: str, what: str) -> Optional[str]:
+    """A message when ``path`` names a file that is missing or that neither GDAL nor OGR can open."""
+    from qgis.core import QgsProject
+
+    if QgsProject.instance().mapLayer(path) is not None:
+        return None
+    file = path.split("|")[0]
+    if not os.path.exists(file):
+        return f"{what}: the file {file} does not exist."
+    from osgeo import gdal
+
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        ds = gdal.OpenEx(file, gdal.OF_RASTER | gdal.OF_VECTOR)
+        reason = gdal.GetLastErrorMsg()
+    finally:
+        gdal.PopErrorHandler()
+    if ds is None:
+        return (f"{what}: {file} is not a raster GDAL can read, nor a vector file (corrupt, truncated or another "
+                f"kind of file)" + (f": {reason}" if reason else "."))
+    ds = None
+    return None
+
+
+def absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute()) if path else path

@@ -1,0 +1,204 @@
+"""srmf:segment — classify every pixel of a raster with an SRMF model (the engine's ``segment``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qgis.core import (QgsExpression, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
+                       QgsProcessingException, QgsProcessingOutputString, QgsProcessingParameterBand,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterVectorDestination,
+                       QgsProcessingUtils, QgsWkbTypes, QgsCoordinateReferenceSystem, QgsVectorLayer)
+from qgis.PyQt.QtCore import QVariant
+
+from .. import runtime, styling
+from ..layers import raster_source
+from .base import ScaledFeedback, SRMFAlgorithm, absolute, advanced
+
+HELP = """<p>Classifies every pixel of a raster layer with an SRMF model (semantic segmentation), on a
+CUDA GPU when there is one, else on the CPU. The model runs in its own Python process: QGIS stays
+responsive and Cancel stops it at once, leaving no partial file.</p>
+<p><b>Input raster</b>: any raster GDAL reads, of any size (it is read strip by strip). The model
+expects red, green, blue; with <b>Bands</b> left blank the red/green/blue bands are found from the
+raster's colour interpretation (else bands 1-3; a single band is repeated). 16-bit and float rasters
+are stretched from their 2-98 % percentiles; the log says how.</p>
+<p><b>Model</b>: an SRMF model file (.srmf); blank = the model embedded in the plugin.</p>
+<p><b>Tile size</b> and <b>stride</b>: the sliding window in pixels (blank = the model's, 512 and 341:
+tiles overlap by a third and their predictions are averaged). <b>Batch size</b>: tiles per step
+(larger is faster on a GPU and needs more memory).</p>
+<p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
+extent and pixel grid as the input; styled with the model's class colours and names, also written
+as a .qml beside it), optional <b>class probabilities</b> (one band per class, 0-250 = 0-100 %),
+optional <b>class polygons</b> (GDAL polygonize, fields class_id and class_name) and the <b>class
+areas</b> table (pixels, m\u00b2, ha, share). Areas need a projected CRS: for a raster in degrees the
+table gives pixels and says so.</p>"""
+
+
+class SegmentAlgorithm(SRMFAlgorithm):
+    _name = "segment"
+    _display = "Segment raster (classify pixels)"
+    _icon = "segment"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return self.help_html(HELP)
+
+    def shortDescription(self) -> str:  # noqa: N802
+        return self.tr("Classify every pixel of a raster with an SRMF model.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", self.tr("Input raster")))
+        self.addParameter(QgsProcessingParameterFile(
+            "MODEL", self.tr("Model file (.srmf) [blank: the embedded default model]"),
+            extension="srmf", optional=True))
+        self.addParameter(QgsProcessingParameterBand(
+            "BANDS", self.tr("Bands in the model's order red, green, blue [blank: automatic]"),
+            parentLayerParameterName="INPUT", optional=True, allowMultiple=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            "TILE_SIZE", self.tr("Tile size (window), pixels [blank: the model's, 512]"),
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=32, maxValue=8192))
+        self.addParameter(QgsProcessingParameterNumber(
+            "STRIDE", self.tr("Stride, pixels [blank: the model's, 341]"),
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=8192))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            "BATCH_SIZE", self.tr("Batch size (tiles per step) [blank: automatic]"),
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)))
+        self.add_device_parameters()
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Classified raster")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            "OUTPUT_PROBABILITIES", self.tr("Class probabilities"), optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            "OUTPUT_POLYGONS", self.tr("Class polygons"), QgsProcessing.TypeVectorPolygon, optional=True,
+            createByDefault=False))
+        self.addParameter(QgsProcessingParameterFeatureSink(
+            "OUTPUT_AREAS", self.tr("Class areas"), QgsProcessing.TypeVector, optional=True, createByDefault=True))
+        self.addOutput(QgsProcessingOutputString("AREA_NOTE", self.tr("Note on the areas")))
+        self.addOutput(QgsProcessingOutputString("MODEL_USED", self.tr("Model used")))
+
+    # ---------------------------------------------------------------------------------------------
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if layer is not None:
+            source = raster_source(layer)
+            layer_name = layer.name()
+        else:  # not loadable by QGIS: let the engine say what is wrong with the file
+            raw = parameters.get("INPUT")
+            source = str(raw) if isinstance(raw, str) else ""
+            if not source:
+                raise QgsProcessingException("No input raster: choose a raster layer or file.")
+            source = absolute(source) if os.path.exists(source) else source
+            layer_name = Path(source).stem
+        model = self.model_path(parameters, "MODEL", context)
+        output = absolute(self.parameterAsOutputLayer(parameters, "OUTPUT", context))
+        if Path(output).suffix.lower() not in (".tif", ".tiff"):
+            raise QgsProcessingException(f"The classified raster is written as a GeoTIFF: give it the extension "
+                                         f".tif (got {output}).")
+        probabilities = self.parameterAsOutputLayer(parameters, "OUTPUT_PROBABILITIES", context) or ""
+        probabilities = absolute(probabilities) if probabilities else ""
+        if probabilities and Path(probabilities).suffix.lower() not in (".tif", ".tiff"):
+            raise QgsProcessingException(f"The class probabilities are written as a GeoTIFF: give them the "
+                                         f"extension .tif (got {probabilities}).")
+        polygons = self.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
+        bands = self.parameterAsInts(parameters, "BANDS", context) if parameters.get("BANDS") else []
+
+        args = [source, output, "--overwrite", "--device", self.device_arg(parameters, context)]
+        if model:
+            args += ["--model", model]
+        for name, flag in (("TILE_SIZE", "--window"), ("STRIDE", "--stride"), ("BATCH_SIZE", "--batch-size")):
+            value = self.optional_int(parameters, name, context)
+            if value is not None:
+                args += [flag, str(value)]
+        if bands:
+            args += ["--bands", ",".join(str(b) for b in bands)]
+        if probabilities:
+            args += ["--probabilities", probabilities]
+        engine_share = 80.0 if polygons else 98.0
+        result = self.run_engine("segment", args, feedback, outputs=[output, probabilities],
+                                 progress_range=(0.0, engine_share))
+        classes = result.get("classes") or []
+        if model:
+            runtime.set_setting(runtime.SETTINGS_LAST_MODEL, model)
+
+        # Style: beside the file (any later project) and when Processing loads it (this project).
+        qml = styling.write_class_qml(output, classes)
+        if qml is None:
+            feedback.pushWarning(f"Could not write the style file beside {output}.")
+        if context.willLoadLayerOnCompletion(output):
+            context.layerToLoadOnCompletionDetails(output).setPostProcessor(
+                styling.ClassRasterPostProcessor.create(classes, f"{layer_name} \u2014 SRMF classes"))
+
+        results = {"OUTPUT": output, "OUTPUT_PROBABILITIES": probabilities or None,
+                   "AREA_NOTE": result.get("area_note") or "", "MODEL_USED": result.get("model", model or "")}
+        results["CLASS_AREAS"] = result.get("class_areas") or []
+        results["CRS"] = result.get("crs")
+        results["UNTRAINED_MODEL"] = bool(result.get("untrained_model"))
+        self._report_areas(result, feedback)
+        sink_fields = QgsFields()
+        for fname, ftype in (("class_id", QVariant.Int), ("class_name", QVariant.String),
+                             ("pixels", QVariant.LongLong), ("area_m2", QVariant.Double),
+                             ("area_ha", QVariant.Double), ("share_pct", QVariant.Double)):
+            sink_fields.append(QgsField(fname, ftype))
+        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_AREAS", context, sink_fields,
+                                             QgsWkbTypes.NoGeometry, QgsCoordinateReferenceSystem())
+        if sink is not None:
+            total = sum(int(a["pixels"]) for a in result.get("class_areas") or []) or 1
+            for a in result.get("class_areas") or []:
+                f = QgsFeature(sink_fields)
+                f.setAttributes([int(a["id"]), a["name"], int(a["pixels"]), a.get("area_m2"), a.get("area_ha"),
+                                 round(100.0 * int(a["pixels"]) / total, 3)])
+                sink.addFeature(f, QgsFeatureSink.FastInsert)
+            results["OUTPUT_AREAS"] = sink_id
+
+        if polygons:
+            results["OUTPUT_POLYGONS"] = self._polygonize(output, polygons, classes, layer_name, context,
+                                                          ScaledFeedback(feedback, engine_share, 100.0))
+        feedback.setProgress(100.0)
+        return results
+
+    # ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _report_areas(result: dict, feedback) -> None:
+        areas = result.get("class_areas") or []
+        total = sum(int(a["pixels"]) for a in areas) or 1
+        lines = [f"Classes of {Path(result.get('output', '')).name} ({result.get('width')} x {result.get('height')} px, "
+                 f"{result.get('crs') or 'no CRS'}):",
+                 f"{'class':<20s} {'pixels':>12s} {'share':>8s} {'area (m²)':>14s} {'area (ha)':>12s}"]
+        for a in areas:
+            m2 = "" if a.get("area_m2") is None else f"{a['area_m2']:.1f}"
+            ha = "" if a.get("area_ha") is None else f"{a['area_ha']:.4f}"
+            lines.append(f"{a['name']:<20s} {int(a['pixels']):>12d} {100.0 * int(a['pixels']) / total:>7.2f}% "
+                         f"{m2:>14s} {ha:>12s}")
+        feedback.pushInfo("\n".join(lines))
+        if result.get("area_note"):
+            feedback.pushWarning("Areas: " + result["area_note"])
+        if result.get("seconds") is not None:
+            feedback.pushInfo(f"Segmented in {result['seconds']:.1f} s on {result.get('device')}.")
+
+    def _polygonize(self, raster: str, polygons: str, classes, layer_name, context, feedback) -> str:
+        import processing
+
+        feedback.setProgressText("SRMF: vectorising the classes (GDAL polygonize)")
+        half = ScaledFeedback(feedback, 0.0, 70.0)
+        poly = processing.run("gdal:polygonize", {
+            "INPUT": raster, "BAND": 1, "FIELD": "class_id", "EIGHT_CONNECTEDNESS": False, "EXTRA": "",
+            "OUTPUT": QgsProcessingUtils.generateTempFilename("srmf_polygons.gpkg"),
+        }, context=context, feedback=half, is_child_algorithm=True)["OUTPUT"]
+        if feedback.isCanceled():
+            raise QgsProcessingException("Cancelled.")
+        whens = " ".join(f"WHEN \"class_id\" = {int(c['id'])} THEN {QgsExpression.quotedString(str(c['name']))}"
+                         for c in classes)
+        formula = f"CASE {whens} END" if whens else "NULL"
+        out = processing.run("native:fieldcalculator", {
+            "INPUT": poly, "FIELD_NAME": "class_name", "FIELD_TYPE": 2, "FIELD_LENGTH": 64, "FIELD_PRECISION": 0,
+            "FORMULA": formula, "OUTPUT": polygons,
+        }, context=context, feedback=ScaledFeedback(feedback, 70.0, 100.0), is_child_algorithm=True)["OUTPUT"]
+        # A style beside the file (unless it would clash with the raster's) and on loading.
+        out_path = str(out).split("|")[0]
+        if os.path.isfile(out_path) and styling.qml_path(out_path) != styling.qml_path(raster):
+            vl = QgsVectorLayer(str(out), "polygons", "ogr")
+            if vl.isValid():
+                styling.write_polygon_qml(vl, classes, styling.qml_path(out_path))
+        if context.willLoadLayerOnCompletion(polygons):
+            context.layerToLoadOnCompletionDetails(polygons).setPostProcessor(
+                styling.ClassPolygonPostProcessor.create(classes, f"{layer_name} \u2014 SRMF class polygons"))
+        return out

@@ -1,0 +1,1 @@
+"""Dialogs and widgets of the SRMF plugin (Qt; no torch)."""
