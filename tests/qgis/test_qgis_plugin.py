@@ -1,0 +1,210 @@
+"""The plugin in QGIS: context-menu actions (raster layers only), one-click segmentation as a task,
+the algorithm dialog filled in, and loading the packaged ZIP through qgis.utils."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from srmf_qgis_testing import (ATLANTA_BUILDINGS, MODEL_CLASSES, OSBS, ROOT, have_make, run_alg, wait_for)
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+
+
+_KEEP: list = []
+
+
+@pytest.fixture
+def plugin(qgis_iface, provider):
+    from srmf_qgis.plugin import SRMFPlugin
+
+    from qgis.gui import QgsBrowserGuiModel
+
+    qgis_iface.addCustomActionForLayerType.reset_mock()
+    if not isinstance(qgis_iface.browserModel(), QgsBrowserGuiModel):  # the stub iface has none; the dialog needs one
+        model = QgsBrowserGuiModel()
+        _KEEP.append(model)
+        qgis_iface.browserModel = lambda: model
+    p = SRMFPlugin(qgis_iface)
+    p.initGui()
+    yield p
+    p.provider = None  # the session's provider stays registered for the other tests
+    p.unload()
+
+
+@pytest.fixture
+def osbs_copy(tmp_path) -> Path:
+    """A copy of the real raster in a writable folder (one-click results are written beside the input)."""
+    dst = tmp_path / "OSBS_029.tif"
+    shutil.copy(OSBS, dst)
+    return dst
+
+
+def test_context_menu_actions_for_raster_layers_only(plugin, qgis_iface, clean_project):
+    raster = QgsRasterLayer(str(OSBS), "osbs", "gdal")
+    vector = QgsVectorLayer(str(ATLANTA_BUILDINGS), "buildings", "ogr")
+    assert raster.isValid() and vector.isValid()
+    texts = [a.text() for a in plugin.actions_for_layer(raster)]
+    assert texts == ["Segment with SRMF", "Segment with SRMF\u2026", "Fine-tune SRMF on this layer\u2026"]
+    assert plugin.actions_for_layer(vector) == []
+    # what QGIS was asked: every action for the raster layer type, on all layers of that type
+    calls = qgis_iface.addCustomActionForLayerType.call_args_list
+    assert len(calls) == 3
+    for call in calls:
+        action, menu, layer_type, all_layers = call.args
+        assert layer_type == raster.type() and layer_type != vector.type() and all_layers is True
+    # the Raster menu
+    assert [a.text() for a in plugin.menu_actions] == ["Segment raster\u2026", "Fine-tune model\u2026",
+                                                       "Evaluate accuracy\u2026", "Model information\u2026",
+                                                       "Settings\u2026", "Diagnostics\u2026"]
+
+
+def test_segment_with_srmf_adds_a_styled_layer(plugin, qgis_iface, clean_project, osbs_copy):
+    layer = QgsRasterLayer(str(osbs_copy), "OSBS", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    plugin.layer_actions["segment"].trigger()
+    assert len(plugin.jobs) == 1
+    job = plugin.jobs[0]
+    assert job.task in QgsApplication.taskManager().tasks()  # progress in the task manager
+    wait_for(lambda: job.done and getattr(job, "layer", None) is not None or (job.done and not job.ok),
+             what="the segmentation task")
+    assert job.ok, job.error
+    out = Path(job.results["OUTPUT"])
+    assert out == osbs_copy.with_name("OSBS_029_srmf_classes.tif") and out.exists()
+    added = [l for l in QgsProject.instance().mapLayers().values() if l.source() == str(out)]
+    assert len(added) == 1
+    styled = added[0]
+    assert styled.name() == "OSBS \u2014 SRMF classes"
+    assert styled.renderer().type() == "paletted"
+    assert [c.label for c in styled.renderer().classes()] == MODEL_CLASSES
+    assert styled.crs().authid() == "EPSG:32617" and styled.extent() == layer.extent()
+    # a second run does not overwrite the first result
+    params = __import__("srmf_qgis.tasks", fromlist=["x"]).segment_parameters(layer)
+    assert params["OUTPUT"].endswith("OSBS_029_srmf_classes_2.tif")
+
+
+def test_segment_with_srmf_dialog_has_the_layer_filled_in(plugin, qgis_iface, clean_project, artifacts):
+    layer = QgsRasterLayer(str(OSBS), "OSBS", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    plugin.layer_actions["segment_dialog"].trigger()
+    dlg = plugin.dialogs[-1]
+    assert dlg.algorithm().id() == "srmf:segment"
+    values = dlg.mainWidget().createProcessingParameters()
+    value = values["INPUT"]
+    assert (value.id() if hasattr(value, "id") else value) == layer.id()
+    dlg.resize(980, 760)
+    from qgis.PyQt.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    dlg.grab().save(str(artifacts / "segment_dialog.png"))
+    dlg.close()
+
+
+def test_finetune_action_opens_the_dialog_on_the_layer(plugin, qgis_iface, clean_project):
+    layer = QgsRasterLayer(str(OSBS), "OSBS", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    plugin.layer_actions["finetune"].trigger()
+    dlg = plugin.dialogs[-1]
+    assert dlg.windowTitle() == "Fine-tune SRMF"
+    assert dlg.rasters() == [layer]
+    assert [e.name for e in dlg.class_table.entries()] == MODEL_CLASSES  # from the base model
+    dlg.close()
+
+
+def test_one_click_segment_on_a_non_gdal_layer_says_why(plugin, qgis_iface, clean_project):
+    from srmf_qgis.tasks import segment_parameters
+
+    wms = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/{z}/{x}/{y}.png", "tiles", "wms")
+    with pytest.raises(Exception, match="GDAL"):
+        segment_parameters(wms)
+
+
+@pytest.mark.skipif(not have_make(), reason="make is not installed")
+def test_plugin_loads_from_the_packaged_zip(tmp_path, qgis_iface, provider):
+    """`make package` → unzip as QGIS does → qgis.utils.loadPlugin / startPlugin → provider and menus."""
+    import qgis.utils
+
+    dist = tmp_path / "dist"
+    proc = subprocess.run(["make", "-s", "package", f"DIST={dist}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    zips = list(dist.glob("srmf-*.zip"))
+    assert len(zips) == 1
+    plugins_dir = tmp_path / "plugins"
+    with zipfile.ZipFile(zips[0]) as zf:
+        names = zf.namelist()
+        assert all(n.startswith("srmf/") for n in names)
+        assert "srmf/metadata.txt" in names and "srmf/resources/models/default.srmf" in names
+        assert not any("/tests/" in n or "__pycache__" in n or "/.venv/" in n for n in names)
+        zf.extractall(plugins_dir)
+
+    registry = QgsApplication.processingRegistry()
+    registry.removeProvider(provider)  # the packaged plugin registers its own "srmf" provider
+    sys.path.insert(0, str(plugins_dir))
+    qgis.utils.plugin_paths.insert(0, str(plugins_dir))
+    try:
+        qgis.utils.updateAvailablePlugins()
+        assert "srmf" in qgis.utils.available_plugins
+        assert qgis.utils.loadPlugin("srmf")
+        assert qgis.utils.startPlugin("srmf")
+        assert "srmf" in qgis.utils.active_plugins
+        meta = qgis.utils.pluginMetadata("srmf", "qgisMinimumVersion")
+        assert meta == "3.22"
+        p = registry.providerById("srmf")
+        assert p is not None
+        alg = registry.algorithmById("srmf:modelinfo")
+        assert str(plugins_dir) in sys.modules[type(alg).__module__].__file__  # loaded from the package
+        res = run_alg("srmf:modelinfo", {"OUTPUT_CLASSES": None, "OUTPUT_HTML": None})
+        assert res["MODEL"].startswith(str(plugins_dir))  # the packaged default model, read by the packaged engine
+        assert [c["name"] for c in res["CLASSES"]] == MODEL_CLASSES
+        assert qgis.utils.unloadPlugin("srmf")
+        assert registry.providerById("srmf") is None
+        # as qgis_process starts it: Processing only, without a GUI (iface None)
+        saved_iface, qgis.utils.iface = qgis.utils.iface, None
+        try:
+            assert qgis.utils.loadPlugin("srmf") and qgis.utils.startProcessingPlugin("srmf")
+            assert registry.algorithmById("srmf:segment") is not None
+        finally:
+            qgis.utils.iface = saved_iface
+        assert qgis.utils.unloadPlugin("srmf")
+        assert registry.providerById("srmf") is None
+    finally:
+        sys.path.remove(str(plugins_dir))
+        qgis.utils.plugin_paths.remove(str(plugins_dir))
+        for name in [m for m in sys.modules if m == "srmf" or m.startswith("srmf.")]:
+            del sys.modules[name]
+        if registry.providerById("srmf") is None:  # the removed provider was deleted: register a new one
+            from srmf_qgis.provider import SRMFProvider
+
+            _KEEP.append(SRMFProvider())
+            registry.addProvider(_KEEP[-1])
+
+
+def test_cancelling_the_background_task_ends_the_worker(plugin, qgis_iface, clean_project, tmp_path):
+    import os
+
+    from srmf_qgis_testing import ADELAIDE, process_group_members
+
+    src = tmp_path / "adelaide_2.tif"
+    shutil.copy(ADELAIDE, src)
+    layer = QgsRasterLayer(str(src), "Adelaide", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    job = plugin.segment_layer(layer, TILE_SIZE=256, STRIDE=128)
+    progress = []
+    job.feedback.progressChanged.connect(progress.append)
+    wait_for(lambda: job.done or any(p > 0 for p in progress), 300, "the first progress message")
+    assert not job.done
+    job.cancel()
+    wait_for(lambda: job.done, 120, "the cancelled task")
+    assert not job.ok and "ancel" in job.error
+    pid = job.feedback.worker_pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert process_group_members(pid) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adelaide_2.tif"]  # no output, no partial file
+    assert [l.name() for l in QgsProject.instance().mapLayers().values()] == ["Adelaide"]

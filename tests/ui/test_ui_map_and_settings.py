@@ -1,0 +1,100 @@
+"""Offscreen screenshots of a segmented real raster on the map, the settings dialog with
+"Install dependencies…" and "Diagnostics"."""
+from __future__ import annotations
+
+import sys
+
+from srmf_qgis_testing import ADELAIDE, MODEL_CLASSES, OSBS, VENV_PYTHON, wait_for
+from qgis.core import QgsRasterLayer, QgsSettings
+from qgis.PyQt.QtCore import QSize
+from qgis.PyQt.QtGui import QColor, QGuiApplication
+from qgis.PyQt.QtWidgets import QApplication
+
+from srmf_qgis import runtime
+from srmf_qgis.quicklook import render_map, render_quicklook
+
+
+def _colours(image, step=7):
+    seen = set()
+    for y in range(0, image.height(), step):
+        for x in range(0, image.width(), step):
+            seen.add(QColor(image.pixel(x, y)).name().upper())
+    return seen
+
+
+def test_map_screenshot_of_a_segmented_real_raster(adelaide_segmented, osbs_segmented, artifacts):
+    for name, src, seg in (("adelaide", ADELAIDE, adelaide_segmented), ("osbs", OSBS, osbs_segmented)):
+        res = seg["results"]
+        inp = QgsRasterLayer(str(src), src.stem, "gdal")
+        cls = QgsRasterLayer(res["OUTPUT"], f"{src.stem} classes", "gdal")
+        assert [c.label for c in cls.renderer().classes()] == MODEL_CLASSES
+        image = render_map([cls], inp.extent(), inp.crs(), QSize(700, 700))
+        path = artifacts / f"map_{name}_classes.png"
+        assert image.save(str(path))
+        colours = _colours(image)
+        model_colours = {c.color.name().upper() for c in cls.renderer().classes()}
+        assert len(colours & model_colours) >= 2  # the classes are drawn in the model's colours
+        ql = render_quicklook(inp, cls, artifacts / f"quicklook_{name}.png",
+                              [{"name": c.label, "colour": c.color.name()} for c in cls.renderer().classes()],
+                              res.get("CLASS_AREAS"))
+        assert ql.exists() and ql.stat().st_size > 50_000
+
+
+def test_settings_dialog_diagnostics_and_copy(qgis_iface, artifacts):
+    from srmf_qgis.ui.settings_dialog import SettingsDialog
+
+    dlg = SettingsDialog()
+    dlg.resize(760, 320)
+    dlg.show()
+    QApplication.processEvents()
+    assert str(VENV_PYTHON) in dlg.status.text() and "SRMF_PYTHON" in dlg.status.text()
+    dlg.grab().save(str(artifacts / "settings_dialog.png"))
+    report = dlg.diagnostics()
+    text = report.text.toPlainText()
+    for expected in ("QGIS:", "3.22", "Engine Python:", str(VENV_PYTHON), "PyTorch:", "CUDA available:", "GDAL",
+                     "GPU"):
+        assert expected in text, expected
+    assert "NOT INSTALLED" not in text
+    report.copy()
+    assert QGuiApplication.clipboard().text() == text
+    report.resize(820, 560)
+    QApplication.processEvents()
+    report.grab().save(str(artifacts / "diagnostics.png"))
+    report.close()
+    # choosing an interpreter is stored in the QGIS settings, and used first
+    dlg.python.setFilePath(sys.executable)
+    dlg.accept()
+    try:
+        assert QgsSettings().value("srmf/python") == sys.executable
+        assert runtime.resolve_python().source == "SRMF settings"
+    finally:
+        QgsSettings().remove("srmf/python")
+    assert runtime.resolve_python().source == "SRMF_PYTHON"
+
+
+def test_install_dependencies_creates_the_managed_environment(qgis_iface, tmp_path, monkeypatch):
+    """The real flow (python -m venv --system-site-packages, pip install -r) with visible progress, on a
+    requirements file that needs no network (the engine's would download PyTorch)."""
+    from srmf_qgis.ui.settings_dialog import SettingsDialog
+
+    monkeypatch.setenv("SRMF_HOME", str(tmp_path / "home"))
+    req = tmp_path / "requirements.txt"
+    req.write_text("# satisfied by Debian's own packages, so pip needs no network\nnumpy\n")
+    dlg = SettingsDialog()
+    install = dlg.install(requirements=req, upgrade_pip=False, base_python="/usr/bin/python3",
+                          verify_modules=("numpy", "osgeo"), extra_pip_args=["--no-index"])
+    progress = []
+    install.progress.valueChanged.connect(progress.append)
+    wait_for(lambda: install.done, 300, "the installation task")
+    log = install.log.toPlainText()
+    assert install.ok, log
+    venv = runtime.managed_venv_dir()
+    assert str(venv).startswith(str(tmp_path / "home"))
+    assert runtime.venv_python(venv).is_file()
+    assert "--system-site-packages" in log and "Requirement already satisfied" in log
+    assert install.progress.value() == 100 and len(progress) >= 3
+    # without SRMF_PYTHON and settings, the managed environment is the engine's interpreter
+    monkeypatch.delenv("SRMF_PYTHON")
+    assert runtime.resolve_python() == runtime.Interpreter(str(runtime.venv_python(venv)), "managed environment")
+    install.close()
+    dlg.close()
