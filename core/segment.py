@@ -305,7 +305,7 @@ def classes_from_accumulator(acc: torch.Tensor, cnt: torch.Tensor, valid: Option
 
 # -- the segment job ------------------------------------------------------------------------------
 DEFAULT_BATCH = {"cpu": 2, "cuda": 16}  # CPU: each window in a batch costs ~330 MiB in the head
-GDAL_CACHE_BYTES = 256 * 1024 * 1024
+GDAL_CACHE_BYTES = 64 * 1024 * 1024  # a row of 256-px output tiles at 16k width is 4 MiB per band
 PROBABILITY_SCALE = 250  # uint8 probability = round(p * 250); 255 = nodata; GDAL scale 1/250
 
 
