@@ -97,3 +97,13 @@ train-default: install
 ablation: install
 	$(PY) -m core.recipes ablation --device $(DEVICE) --out-dir ablation-output \
 	  $(if $(ITERATIONS),--iterations $(ITERATIONS)) $(if $(MINUTES),--minutes $(MINUTES))
+
+# Cold-start class discovery and the contrastive option on the real Dubai tiles (bench/coldstart.py).
+# A real run needs trained models (a GPU); eval-coldstart-quick is a 2–5 minute CPU smoke run.
+.PHONY: eval-coldstart eval-coldstart-quick
+eval-coldstart: install
+	$(PY) -m bench.coldstart --device $(DEVICE) --out-dir bench-output/coldstart \
+	  $(if $(ITERATIONS),--loco-iterations $(ITERATIONS) --contrastive-iterations $(ITERATIONS))
+
+eval-coldstart-quick: install
+	$(PY) -m bench.coldstart --quick --device $(DEVICE) --out-dir bench-output/coldstart-quick

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .errors import InputError
 
@@ -64,7 +63,6 @@ def split_validation(images: Sequence, val_share: float = 0.2, val_groups: Optio
     return train, val, f"held-out region: the bottom {val_share:.0%} of the rows of each raster"
 
 
-@torch.no_grad()
 def mean_class_features(model, images: Sequence, class_ids: Sequence[int], mean, std, crop: int = 256,
                         max_crops: int = 8, seed: int = 0) -> Dict[int, torch.Tensor]:
     """Mean fused feature (the 256-channel map before the classifier) of each class's labelled pixels.
@@ -74,9 +72,18 @@ def mean_class_features(model, images: Sequence, class_ids: Sequence[int], mean,
     Returns:
         ``{class id: float32 (256,)}`` for the classes that have labelled pixels.
     """
+    import torch
+
+    with torch.no_grad():
+        return _mean_class_features(model, images, class_ids, mean, std, crop, max_crops, seed)
+
+
+def _mean_class_features(model, images, class_ids, mean, std, crop, max_crops, seed):
+    import torch
+
     rng = np.random.default_rng(seed)
     model.eval()
-    out: Dict[int, torch.Tensor] = {}
+    out = {}
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     for cid in class_ids:
@@ -147,6 +154,12 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         raise InputError(f"--batch-size must be at least 1 (got {config.batch_size})")
     if config.lr <= 0:
         raise InputError(f"--lr must be positive (got {config.lr})")
+    if not config.contrastive_weight >= 0:
+        raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {config.contrastive_weight})")
+    if not config.contrastive_temperature > 0:
+        raise InputError(f"--contrastive-temperature must be positive (got {config.contrastive_temperature})")
+    if config.contrastive_weight > 0 and config.contrastive_anchors < 2:
+        raise InputError(f"contrastive anchors per class must be at least 2 (got {config.contrastive_anchors})")
     out = Path(output)
     if out.suffix.lower() != ".srmf":
         raise InputError(f"The output model {out} must end in .srmf")
@@ -178,6 +191,9 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
 
     mean, std = header["input"]["mean"], header["input"]["std"]
     if architecture is not None:
+        import torch
+
+        torch.manual_seed(config.seed)  # the fresh head's initialisation is part of the recipe
         model, new_header = _fresh_model(architecture, classes, header, text_encoder)
         report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
     else:
@@ -212,7 +228,10 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
             "validation": split_note,
             "validation_images": [im.name for im in val_imgs],
             "recipe": {**asdict(config), "warmup": config.warmup(), "optimizer": "AdamW",
-                       "schedule": "linear warm-up then poly(1.0)", "loss": "cross-entropy, ignore 255"},
+                       "schedule": "linear warm-up then poly(1.0)",
+                       "loss": "cross-entropy, ignore 255" + (
+                           f" + {config.contrastive_weight} x class-balanced InfoNCE on the fused features "
+                           f"(temperature {config.contrastive_temperature})" if config.contrastive_weight > 0 else "")},
             "device": str(dev), "world_size": dist_info.world_size,
             "started": t_start.isoformat(timespec="seconds"),
             "best_iteration": metrics.get("iteration"),
@@ -231,6 +250,8 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         h.pop("format", None)
         h.pop("format_version", None)
         save_model(best_path, m, h)
+
+    import torch
 
     torch.manual_seed(config.seed)
     result = train_loop(model, names, sampler, val_imgs, config, mean, std, dev, work, on_best, reporter=rep,
@@ -306,6 +327,10 @@ def add_finetune_arguments(p) -> None:
     p.add_argument("--no-mars", action="store_true", help="class balancing off: no multi-scale anchored sampling")
     p.add_argument("--no-srr", action="store_true", help="class balancing off: no rare-region resampling (SRR-TA)")
     p.add_argument("--srr-k", type=int, default=4, help="rare-region crops per drawn image")
+    p.add_argument("--contrastive-weight", type=float, default=0.0,
+                   help="weight of the class-balanced contrastive (InfoNCE) loss on the fused features; 0 = off")
+    p.add_argument("--contrastive-temperature", type=float, default=0.1,
+                   help="temperature of the contrastive loss")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
@@ -361,6 +386,10 @@ def run_finetune_command(args, rep) -> dict:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.batch_size % args.accumulate:
         raise InputError(f"--batch-size ({args.batch_size}) must be a multiple of --accumulate ({args.accumulate})")
+    if not args.contrastive_weight >= 0:
+        raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {args.contrastive_weight})")
+    if not args.contrastive_temperature > 0:
+        raise InputError(f"--contrastive-temperature must be positive (got {args.contrastive_temperature})")
     lm = load_model(args.base_model or DEFAULT_MODEL_PATH)
     if args.classes:
         cpath = Path(args.classes)
@@ -392,7 +421,9 @@ def run_finetune_command(args, rep) -> dict:
     config = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, accumulate=args.accumulate,
                          lr=args.lr, warmup_iterations=args.warmup, crop=args.crop,
                          eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
-                         seed=args.seed, mars=not args.no_mars, srr=not args.no_srr, srr_k=args.srr_k)
+                         seed=args.seed, mars=not args.no_mars, srr=not args.no_srr, srr_k=args.srr_k,
+                         contrastive_weight=args.contrastive_weight,
+                         contrastive_temperature=args.contrastive_temperature)
     classes = [{**{k: v for k, v in c.items() if k in ("name", "colour", "prompt", "from")}} for c in raw]
     result = finetune(out, images=images, classes=classes, base_model=lm, config=config, device=args.device,
                       val_share=args.val_share,

@@ -64,6 +64,12 @@ class TrainConfig:
     val_stride: Optional[int] = None  # default: 2/3 of the window (341 for 512)
     log_interval: int = 10
     max_seconds: Optional[float] = None  # wall-clock budget: stop (validate, checkpoint) when spent
+    # Opt-in class-balanced contrastive regularisation of the fused features (core.contrastive; BCL of
+    # arXiv 2308.02844): 0 = off (the loop is then exactly the plain SRMF loop).
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    contrastive_anchors: int = 64  # anchors drawn per class present in a batch
+    contrastive_queue: int = 0  # per-class memory queue of earlier anchors (0: none; not checkpointed)
 
     def inference_window(self) -> Tuple[int, int]:
         """(window, stride) for validation and for the written model: the paper's 512/341 unless set;
@@ -344,6 +350,17 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
     window, stride = config.inference_window()
     t0 = time.perf_counter() - state.get("seconds", 0.0)
     losses: List[float] = []
+    contrast = capture = None
+    contrast_values: List[float] = []
+    if config.contrastive_weight > 0:
+        from .contrastive import ContrastiveRegulariser, FeatureCapture
+
+        contrast = ContrastiveRegulariser(K, config.contrastive_weight, config.contrastive_temperature,
+                                          config.contrastive_anchors, config.contrastive_queue)
+        capture = FeatureCapture(model.head.fusion)  # its output is the fused map G (B, 256, h, w)
+        rep.log(f"contrastive regularisation on: weight {config.contrastive_weight}, temperature "
+                f"{config.contrastive_temperature}, {config.contrastive_anchors} anchors per class"
+                + (f", queue {config.contrastive_queue} per class" if config.contrastive_queue else ""))
     micro = max(1, config.batch_size // max(1, config.accumulate))
     it = state["iteration"]
     while it < config.iterations:
@@ -354,19 +371,27 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
         rng = np.random.default_rng([config.seed, it, dist_info.rank])
         torch.manual_seed(int(rng.integers(2 ** 62)))
         loss_sum = 0.0
+        contrast_sum = 0.0
         for step in range(config.accumulate):
             imgs, labels = sampler.batch(rng, micro)
             x = torch.from_numpy(np.ascontiguousarray(imgs)).to(device, non_blocking=True)
             y = torch.from_numpy(np.ascontiguousarray(labels)).to(device, non_blocking=True).long()
             x = (x - mean_t) / std_t
             ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else _null()
-            with ctx:
+            with ctx, (capture if capture is not None else _null()):
                 logits = net(x)
+                fused = capture.output if capture is not None else None
             logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
             if (y != IGNORE_INDEX).any():
                 loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX) / config.accumulate
             else:  # an all-ignore batch: keep the graph (DDP needs every rank to backward) with zero loss
                 loss = logits.sum() * 0.0
+            if contrast is not None:
+                # anchors from their own generator: the sampler's stream is the plain loop's
+                gen = torch.Generator().manual_seed(
+                    int(np.random.default_rng([config.seed, it, dist_info.rank, step, 2308]).integers(2 ** 62)))
+                loss = loss + contrast(fused, y, gen) / config.accumulate
+                contrast_sum += contrast.last["loss"] / config.accumulate
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
@@ -379,14 +404,20 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
             optimizer.step()
         it += 1
         losses.append(loss_sum)
+        if contrast is not None:
+            contrast_values.append(contrast_sum)
         if state["first_loss"] is None:
             state["first_loss"] = loss_sum
         rep.progress(it / config.iterations, "fine-tuning")
         if it % config.log_interval == 0 or it == config.iterations:
             recent = float(np.mean(losses[-config.log_interval:]))
-            rep.metrics({"iteration": it, "loss": recent, "lr": optimizer.param_groups[0]["lr"]},
-                        text=f"iteration {it}/{config.iterations}: loss {recent:.4f}")
-            state["history"].append({"iteration": it, "loss": recent})
+            payload = {"iteration": it, "loss": recent, "lr": optimizer.param_groups[0]["lr"]}
+            text = f"iteration {it}/{config.iterations}: loss {recent:.4f}"
+            if contrast is not None:  # the unweighted InfoNCE term (the loss above includes weight x it)
+                payload["contrastive"] = float(np.mean(contrast_values[-config.log_interval:]))
+                text += f" (contrastive {payload['contrastive']:.4f})"
+            rep.metrics(payload, text=text)
+            state["history"].append({k: v for k, v in payload.items() if k != "lr"})
         out_of_time = config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
         if out_of_time:
             rep.log(f"the time budget of {config.max_seconds:.0f} s is spent: stopping at iteration {it}")
