@@ -1056,10 +1056,9 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     """
     from osgeo import gdal
 
-    from .modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model
     from .protocol import Reporter
     from .raster import StripReader, compute_scaling, crs_label, open_raster, select_bands
-    from .segment import DEFAULT_BATCH, SlidePlan, resolve_device, validate_window
+    from .segment import DEFAULT_BATCH, SlidePlan, load_job_model, resolve_device, validate_window
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -1075,14 +1074,10 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
         raise InputError(f"Example polygon layer not found: {examples}")
     dev = resolve_device(device)
-    lm = model if isinstance(model, LoadedModel) else load_model(model or DEFAULT_MODEL_PATH, device="cpu")
-    if lm.untrained:
-        rep.warning(f"The model {lm.path.name} is an UNTRAINED PLACEHOLDER: its features are ImageNet backbone "
-                    "features through a random head, and 'resembles' is not meaningful")
+    lm, window, stride = load_job_model(model, window, stride, rep,
+                                        "its features are ImageNet backbone features through a random head, "
+                                        "and 'resembles' is not meaningful")
     header = lm.header
-    window = int(header["inference"]["window"] if window is None else window)
-    stride = int(min(header["inference"]["stride"], window) if stride is None else stride)
-    validate_window(window, stride)
     inp = header["input"]
     band_list = select_bands(ds, raster, bands, inp["bands"])
     H, W = ds.RasterYSize, ds.RasterXSize

@@ -335,6 +335,29 @@ def class_areas(ds, counts: np.ndarray, classes: Sequence[dict]) -> Tuple[List[d
     return rows, note
 
 
+def load_job_model(model, window: Optional[int], stride: Optional[int], rep, untrained_note: str):
+    """The model of a job (a path, a LoadedModel, or None = the embedded default) and its window/stride.
+
+    Warns through ``rep`` when the model is an untrained placeholder; window/stride default to the
+    model's (the stride never exceeds the window).
+
+    Returns:
+        ``(LoadedModel, window, stride)`` in pixels.
+    Raises:
+        ModelFileError: an unusable model file; InputError: an invalid window/stride.
+    """
+    from .modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model
+
+    lm = model if isinstance(model, LoadedModel) else load_model(model or DEFAULT_MODEL_PATH, device="cpu")
+    if lm.untrained:
+        rep.warning(f"The model {lm.path.name} is an UNTRAINED PLACEHOLDER: {untrained_note}")
+    inference = lm.header["inference"]
+    window = int(inference["window"] if window is None else window)
+    stride = int(min(inference["stride"], window) if stride is None else stride)
+    validate_window(window, stride)
+    return lm, window, stride
+
+
 def segment_raster(input_path, output_path, model=None, *, window: Optional[int] = None,
                    stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
@@ -357,7 +380,6 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     """
     from osgeo import gdal
 
-    from .modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model
     from .protocol import Reporter
     from .raster import (AtomicGeoTIFF, StripReader, check_output_path, compute_scaling, crs_label, open_raster,
                          select_bands, style_class_band)
@@ -382,16 +404,9 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         raise InputError("--probabilities must differ from the output path")
     ds = open_raster(input_path)
     dev = resolve_device(device)
-    if model is None:
-        model = DEFAULT_MODEL_PATH
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
-    if lm.untrained:
-        rep.warning(f"The model {lm.path.name} is an UNTRAINED PLACEHOLDER: its classes are not meaningful. "
-                    "Use a trained model (--model) or fine-tune one.")
+    lm, window, stride = load_job_model(model, window, stride, rep,
+                                        "its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
     header = lm.header
-    window = int(header["inference"]["window"] if window is None else window)
-    stride = int(min(header["inference"]["stride"], window) if stride is None else stride)
-    validate_window(window, stride)
     inp = header["input"]
     band_list = select_bands(ds, input_path, bands, inp["bands"])
     scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
