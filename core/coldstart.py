@@ -738,7 +738,7 @@ def read_examples(vector, ds, grid: CellGrid, *, layer=None, negative_field: Opt
     from osgeo import gdal, ogr, osr
     from scipy import ndimage
 
-    from .data import _open_layer, _traditional
+    from .data import _open_layer, _traditional, reprojected
 
     if max_per_polygon < 1:
         raise InputError(f"--max-per-polygon must be at least 1 (got {max_per_polygon})")
@@ -776,13 +776,7 @@ def read_examples(vector, ds, grid: CellGrid, *, layer=None, negative_field: Opt
         if geom is None or geom.IsEmpty():
             info["no_geometry"] += 1
             continue
-        g = geom.Clone()
-        if ct is not None:
-            try:
-                g.Transform(ct)
-            except RuntimeError as exc:
-                raise InputError(f"{vector}: feature {feat.GetFID()} cannot be reprojected to the CRS of "
-                                 f"{raster_name} ({exc})") from exc
+        g = reprojected(geom, ct, vector, feat.GetFID(), f"the CRS of {raster_name}")
         negative = False
         if negative_field:
             idx = feat.GetFieldIndex(negative_field)

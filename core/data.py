@@ -628,6 +628,22 @@ def _open_layer(vector, layer: Optional[Union[str, int]]):
     return vds, lyr
 
 
+def reprojected(geom: ogr.Geometry, ct: Optional[osr.CoordinateTransformation], vector, fid,
+                target: str) -> ogr.Geometry:
+    """A copy of ``geom`` transformed by ``ct`` (or just copied when ``ct`` is None).
+
+    Raises:
+        InputError: the feature cannot be reprojected (named by layer and FID, and ``target``).
+    """
+    g = geom.Clone()
+    if ct is not None:
+        try:
+            g.Transform(ct)
+        except RuntimeError as exc:
+            raise InputError(f"{vector}: feature {fid} cannot be reprojected to {target} ({exc})") from exc
+    return g
+
+
 def _traditional(srs: Optional[osr.SpatialReference]) -> Optional[osr.SpatialReference]:
     if srs is None:
         return None
@@ -700,13 +716,7 @@ def rasterize_polygons(vector, field_name: str, classes, like: gdal.Dataset, lik
             k = _value_key(value)
             unknown[k] = unknown.get(k, 0) + 1
             continue
-        g = geom.Clone()
-        if ct is not None:
-            try:
-                g.Transform(ct)
-            except RuntimeError as exc:
-                raise InputError(f"{vector}: feature {feat.GetFID()} cannot be reprojected to the raster's CRS "
-                                 f"({exc})") from exc
+        g = reprojected(geom, ct, vector, feat.GetFID(), "the raster's CRS")
         out = ogr.Feature(mdefn)
         out.SetField("srmf_id", int(cid))
         out.SetGeometry(g)
