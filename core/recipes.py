@@ -33,7 +33,7 @@ def default_config(**over):
     """
     from .train import TrainConfig
 
-    base = dict(iterations=3000, batch_size=8, lr=2e-4, crop=256, eval_interval=100, checkpoint_interval=50,
+    base = dict(iterations=3000, batch_size=8, lr=2e-4, crop=256, eval_interval=200, checkpoint_interval=50,
                 seed=0, mars=True, srr=True, srr_k=4, warmup_iterations=100, val_window=512, val_stride=341)
     base.update(over)
     return TrainConfig(**base)
