@@ -1,7 +1,8 @@
 """Command-line interface of the SRMF engine: ``python -m core <command> ... [--json]``.
 
 Commands: ``info MODEL`` (describe a model file), ``segment INPUT OUTPUT`` (streaming segmentation),
-``finetune``, ``evaluate``, ``findclass RASTER EXAMPLES OUTPUT_DIR`` (cold-start class discovery).
+``finetune``, ``evaluate``, ``findclass RASTER EXAMPLES OUTPUT_DIR`` (cold-start class discovery),
+``findclass-handoff CANDIDATES OUTPUT_DIR --class-name NAME`` (its reviewed candidates → fine-tuning inputs).
 Exit codes: 0 success, 1 engine error, 2 bad input (file, band or parameter), 130 cancelled.
 With ``--json`` every message is a JSON line (see :mod:`core.protocol`).
 """
@@ -41,6 +42,8 @@ HEAVY_COMMANDS = {
                  "accuracy assessment of a class raster against a reference raster or polygons"),
     "findclass": (".coldstart", "add_findclass_arguments",
                   "find where a new class occurs from a few example polygons (relevance raster, ranked candidates)"),
+    "findclass-handoff": (".coldstart", "add_handoff_arguments",
+                          "turn a reviewed candidates.gpkg into labels and a base model with the new class"),
 }
 
 
@@ -126,8 +129,14 @@ def _cmd_findclass(args, rep: Reporter) -> dict:
     return run_findclass_command(args, rep)
 
 
+def _cmd_findclass_handoff(args, rep: Reporter) -> dict:
+    from .coldstart import run_handoff_command
+
+    return run_handoff_command(args, rep)
+
+
 COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune,
-            "findclass": _cmd_findclass}
+            "findclass": _cmd_findclass, "findclass-handoff": _cmd_findclass_handoff}
 
 
 def _raise_cancelled(signum, frame):

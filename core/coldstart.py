@@ -1604,7 +1604,7 @@ def run_findclass_command(args, rep) -> dict:
 
 
 def add_handoff_arguments(p) -> None:
-    """Arguments of the hand-off command (``python -m core findclass-handoff`` once registered)."""
+    """Arguments of ``python -m core findclass-handoff``."""
     p.add_argument("candidates", help="a reviewed candidates.gpkg of findclass (status accepted/rejected/pending)")
     p.add_argument("output_dir", help="folder for labels.gpkg, sources.json, classes.json, base_with_class.srmf")
     p.add_argument("--class-name", required=True, help="name of the new class")

@@ -146,3 +146,126 @@ class ClassPolygonPostProcessor(QgsProcessingLayerPostProcessorInterface):
         inst = cls(classes, name)
         _KEEP_ALIVE.append(inst)
         return inst
+
+
+# -- Find a new class: the relevance raster and the candidate patches ----------------------------------
+CANDIDATE_STATUSES = (("pending", "pending review", "#FFD400"), ("accepted", "accepted", "#1A9850"),
+                      ("rejected", "rejected", "#D73027"))
+
+
+def relevance_renderer(layer: QgsRasterLayer, threshold: Optional[float] = None):
+    """A single-band pseudocolour ("Viridis") stretched over the scores; cells below ``threshold`` (the
+    calibrated one) are drawn transparent so what remains is where the class likely is."""
+    from qgis.core import (QgsColorRampShader, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle,
+                           QgsRasterBandStats)
+
+    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Min | QgsRasterBandStats.Max)
+    lo, hi = float(stats.minimumValue), float(stats.maximumValue)
+    if threshold is not None and lo < threshold < hi:
+        lo = float(threshold)
+    if not hi > lo:
+        hi = lo + 1e-6
+    ramp = QgsStyle.defaultStyle().colorRamp("Viridis")
+    shader_fn = QgsColorRampShader(lo, hi, ramp)
+    shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+    shader_fn.classifyColorRamp(5, 1)
+    shader_fn.setClip(True)  # values outside [lo, hi] (below the threshold) are not drawn
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_fn)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader)
+    renderer.setClassificationMin(lo)
+    renderer.setClassificationMax(hi)
+    renderer.setOpacity(0.75)
+    return renderer
+
+
+def write_relevance_qml(path, threshold: Optional[float] = None) -> Optional[Path]:
+    """Style the relevance raster (``relevance_renderer``) and write ``<raster>.qml`` beside it."""
+    options = QgsRasterLayer.LayerOptions()
+    options.loadDefaultStyle = False
+    layer = QgsRasterLayer(str(path), "relevance", "gdal", options)
+    if not layer.isValid():
+        return None
+    layer.setRenderer(relevance_renderer(layer, threshold))
+    target = qml_path(path)
+    _msg, ok = layer.saveNamedStyle(str(target))
+    return target if ok and target.exists() else None
+
+
+def style_candidate_layer(layer) -> None:
+    """Outlines coloured by ``status`` (pending yellow, accepted green, rejected red), the ``rank`` as
+    label, and a drop-down (value map) for ``status`` in the attribute form and table."""
+    from qgis.core import (QgsEditorWidgetSetup, QgsPalLayerSettings, QgsTextFormat,
+                           QgsVectorLayerSimpleLabeling)
+
+    cats = []
+    for value, label, colour in CANDIDATE_STATUSES:
+        sym = QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": colour, "outline_width": "0.8",
+                                         "outline_style": "dash" if value == "rejected" else "solid"})
+        cats.append(QgsRendererCategory(value, sym, label))
+    layer.setRenderer(QgsCategorizedSymbolRenderer("status", cats))
+    idx = layer.fields().indexOf("status")
+    if idx >= 0:
+        layer.setEditorWidgetSetup(idx, QgsEditorWidgetSetup(
+            "ValueMap", {"map": [{label: value} for value, label, _c in CANDIDATE_STATUSES]}))
+    if layer.fields().indexOf("rank") >= 0:
+        pal = QgsPalLayerSettings()
+        pal.fieldName = "rank"
+        fmt = QgsTextFormat()
+        fmt.setColor(QColor("#FFFFFF"))
+        buf = fmt.buffer()
+        buf.setEnabled(True)
+        buf.setColor(QColor("#000000"))
+        fmt.setBuffer(buf)
+        pal.setFormat(fmt)
+        layer.setLabeling(QgsVectorLayerSimpleLabeling(pal))
+        layer.setLabelsEnabled(True)
+    layer.triggerRepaint()
+
+
+def write_candidates_qml(path) -> Optional[Path]:
+    """Style ``candidates.gpkg`` (``style_candidate_layer``) and save it as the layer's default style
+    inside the GeoPackage (any project that opens it gets it) and as a ``.qml`` beside it."""
+    from qgis.core import QgsVectorLayer
+
+    layer = QgsVectorLayer(f"{path}|layername=candidates", "candidates", "ogr")
+    if not layer.isValid():
+        return None
+    style_candidate_layer(layer)
+    target = qml_path(path)
+    _msg, ok = layer.saveNamedStyle(str(target))
+    layer.saveStyleToDatabase("srmf candidates", "SRMF review style: status colours, rank labels", True, "")
+    return target if ok and target.exists() else None
+
+
+class RelevancePostProcessor(QgsProcessingLayerPostProcessorInterface):
+    """Styles the relevance raster when Processing loads it."""
+
+    def __init__(self, threshold: Optional[float] = None):
+        super().__init__()
+        self.threshold = threshold
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - Qt API
+        if isinstance(layer, QgsRasterLayer):
+            layer.setRenderer(relevance_renderer(layer, self.threshold))
+            layer.triggerRepaint()
+
+    @classmethod
+    def create(cls, threshold=None) -> "RelevancePostProcessor":
+        inst = cls(threshold)
+        _KEEP_ALIVE.append(inst)
+        return inst
+
+
+class CandidatesPostProcessor(QgsProcessingLayerPostProcessorInterface):
+    """Styles the candidate patches when Processing loads them."""
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - Qt API
+        if hasattr(layer, "fields") and layer.fields().indexOf("status") >= 0:
+            style_candidate_layer(layer)
+
+    @classmethod
+    def create(cls) -> "CandidatesPostProcessor":
+        inst = cls()
+        _KEEP_ALIVE.append(inst)
+        return inst
