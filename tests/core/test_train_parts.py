@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from core.network import SRMFNet
-from core.train import (confusion, iou_from_confusion, load_checkpoint, lr_factor, param_groups,
-                        save_checkpoint)
+from core.train import (confusion, fitted_schedule_length, iou_from_confusion, load_checkpoint, lr_factor,
+                        param_groups, save_checkpoint, tune_cpu_allocator)
 
 
 def test_schedule_is_linear_warmup_then_poly():
@@ -18,6 +18,27 @@ def test_schedule_is_linear_warmup_then_poly():
     assert lr_factor(1000, 1000, 100) == pytest.approx(0.0)
     vals = [lr_factor(i, 1000, 100) for i in range(100, 1000)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_schedule_fitted_to_a_time_budget():
+    # 100 iterations in 50 s of a 100 s budget: 200 fit, so the poly decay ends at 200, not 3000
+    assert fitted_schedule_length(100, 50.0, 100.0, 3000) == 200
+    # never longer than the planned schedule, never ending before the next iteration
+    assert fitted_schedule_length(100, 10.0, 1000.0, 3000) == 3000
+    assert fitted_schedule_length(100, 99.9, 100.0, 3000) == 101
+    assert fitted_schedule_length(100, 500.0, 100.0, 3000) == 101
+    assert fitted_schedule_length(5, 0.0, 100.0, 3000) == 3000
+    # with it the rate is ~0 when time runs out: at 199 of a fitted 200 (warm-up 10)
+    assert lr_factor(199, fitted_schedule_length(100, 50.0, 100.0, 3000), 10) < 0.01
+
+
+def test_cpu_allocator_tuning_applies_on_glibc():
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tune_cpu_allocator() is True
+    else:
+        assert tune_cpu_allocator() is False
 
 
 def test_param_groups_head_lr_and_no_decay_on_norms():
