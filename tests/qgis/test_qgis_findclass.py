@@ -201,3 +201,22 @@ def test_findclass_bad_input_is_refused_and_leaves_nothing(provider, scene, tmp_
     with pytest.raises(QgsProcessingException, match="multiple of 4"):
         run_alg("srmf:findclass", {"INPUT": str(scene["raster"]), "EXAMPLES": str(scene["examples"]),
                                    "PATCH": 30, "OUTPUT_FOLDER": str(out), "DEVICE": 1})
+
+
+def test_map_of_the_relevance_and_candidates(found, scene, artifacts):
+    """Render what the analyst sees (relevance over the raster, candidate outlines) to a PNG."""
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor
+
+    from srmf_qgis.quicklook import render_map
+
+    res = found["res"]
+    inp = QgsRasterLayer(str(scene["raster"]), "dubai", "gdal")
+    rel = QgsRasterLayer(res["OUTPUT_RELEVANCE"], "relevance", "gdal")
+    cand = QgsVectorLayer(res["OUTPUT_CANDIDATES"], "candidates", "ogr")
+    image = render_map([cand, rel, inp], inp.extent(), inp.crs(), QSize(640, 680))
+    path = artifacts / "map_findclass_water.png"
+    assert image.save(str(path))
+    seen = {QColor(image.pixel(x, y)).name().upper() for y in range(0, image.height(), 2)
+            for x in range(0, image.width(), 2)}
+    assert "#FFD400" in seen  # the pending candidates' outlines are drawn
