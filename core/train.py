@@ -94,16 +94,19 @@ def lr_factor(iteration: int, total: int, warmup: int, power: float = 1.0, warmu
     return (1.0 - t) ** power
 
 
-def fitted_schedule_length(iteration: int, elapsed_s: float, max_seconds: float, current_total: int) -> int:
-    """The poly schedule's length when training has a wall-clock budget: the number of iterations that
-    fit in ``max_seconds`` at the pace so far (``iteration / elapsed_s`` it/s, validation included),
-    never more than ``current_total`` and never less than ``iteration + 1``. Without it a budget that
-    runs out early stops training at a high learning rate; with it the rate reaches ~0 as time runs out.
-    (Our addition for CPU users with ``--minutes``; the paper trains a fixed 80k iterations.)"""
-    if elapsed_s <= 0:
-        return current_total
-    fit = int(iteration * max_seconds / elapsed_s)
-    return max(iteration + 1, min(current_total, fit))
+def time_budget_factor(elapsed_s: float, max_seconds: float, warmup_end_s: float, power: float = 1.0) -> float:
+    """The poly decay over a wall-clock budget: ``(1 - t)^power`` with ``t`` the share of the budget
+    after warm-up that has elapsed (``(elapsed_s - warmup_end_s) / (max_seconds - warmup_end_s)``).
+
+    The training loop uses ``min(iteration factor, this)`` when ``max_seconds`` is set, so a budget that
+    ends before the planned iterations still brings the rate to ~0 at its end (without it training
+    would stop at a high rate), and the rate never rises: a pace that changes (another job on the
+    CPU, validation) only moves the decay, never reverses it. Our addition for CPU users with
+    ``--minutes``; the paper trains a fixed 80k iterations. Units: seconds; returns a factor in [0, 1].
+    """
+    span = max(1e-9, max_seconds - warmup_end_s)
+    t = min(1.0, max(0.0, (elapsed_s - warmup_end_s) / span))
+    return (1.0 - t) ** power
 
 
 def tune_cpu_allocator() -> bool:
@@ -403,15 +406,16 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
     it = state["iteration"]
     if device.type == "cpu":
         tune_cpu_allocator()
-    schedule_total = config.iterations  # shrinks to what fits in max_seconds (see fitted_schedule_length)
     while it < config.iterations:
-        if config.max_seconds is not None and it > warmup:
-            fitted = fitted_schedule_length(it, time.perf_counter() - t0, config.max_seconds, schedule_total)
-            if fitted < schedule_total and (schedule_total == config.iterations or it % config.log_interval == 0):
-                rep.log(f"time budget {config.max_seconds:.0f} s: the learning-rate schedule now ends at "
-                        f"iteration ~{fitted} instead of {config.iterations}")
-            schedule_total = fitted
-        factor = lr_factor(it, schedule_total, warmup, config.poly_power)
+        factor = lr_factor(it, config.iterations, warmup, config.poly_power)
+        if config.max_seconds is not None and it >= warmup:
+            elapsed = time.perf_counter() - t0
+            if state.get("warmup_end_seconds") is None:
+                state["warmup_end_seconds"] = elapsed
+                rep.log(f"time budget {config.max_seconds:.0f} s: the learning rate decays to 0 by the end of the "
+                        f"budget or at iteration {config.iterations}, whichever comes first")
+            factor = min(factor, time_budget_factor(elapsed, config.max_seconds, state["warmup_end_seconds"],
+                                                    config.poly_power))
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
@@ -455,7 +459,10 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
             contrast_values.append(contrast_sum)
         if state["first_loss"] is None:
             state["first_loss"] = loss_sum
-        rep.progress(min(1.0, it / schedule_total), "fine-tuning")
+        done = it / config.iterations
+        if config.max_seconds is not None:
+            done = max(done, (time.perf_counter() - t0) / config.max_seconds)
+        rep.progress(min(1.0, done), "fine-tuning")
         if it % config.log_interval == 0 or it == config.iterations:
             recent = float(np.mean(losses[-config.log_interval:]))
             payload = {"iteration": it, "loss": recent, "lr": optimizer.param_groups[0]["lr"]}

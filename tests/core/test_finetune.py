@@ -168,3 +168,40 @@ def test_bad_input_empty_polygon_layer(tmp_path, random_model):
     msg = _cli_finetune(tmp_path, "--raster", ATLANTA, "--labels", empty, "--label-field", "class",
                         "--base-model", random_model)
     assert "empty" in msg.lower() or "no feature" in msg.lower()
+
+
+def test_a_time_budget_stops_early_with_the_rate_decayed(tmp_path, tiles, random_model, monkeypatch):
+    """``max_seconds`` (``--minutes``): training stops when the budget is spent, validates, writes the
+    model, and the learning rate has decayed towards 0 by then instead of stopping at its peak."""
+    import time as real_time
+
+    class Clock:  # a clock that advances 0.25 s per reading: the test does not depend on the CPU's speed
+        now = 0.0
+
+        def perf_counter(self):
+            Clock.now += 0.25
+            return Clock.now
+
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+    monkeypatch.setattr("core.train.time", Clock())
+    monkeypatch.setenv("SRMF_CACHE_DIR", str(tmp_path / "cache"))
+    train, val = tiles
+    stream = io.StringIO()
+    out = tmp_path / "budget.srmf"
+    res = finetune(out, images=train, classes=[dict(c) for c in dubai_class_table().to_header()],
+                   base_model=load_model(random_model),
+                   config=small_config(iterations=100000, eval_interval=100000, max_seconds=6.0, srr=False),
+                   device="cpu",
+                   val_images=val, reporter=Reporter(json_mode=True, stream=stream))
+    assert 5 <= res["iterations"] < 100
+    msgs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    lrs = [m["lr"] for m in msgs if m.get("type") == "metrics" and "lr" in m]
+    assert len(lrs) == res["iterations"]
+    # group 0 (backbone) at lr 5e-4 after the 1-iteration warm-up; from then on the rate only decays
+    assert lrs[1] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] < 0.9 * lrs[1]
+    assert any("time budget" in m.get("message", "") for m in msgs if m.get("type") == "log")
+    assert read_header(out)["metrics"]["iteration"] == res["iterations"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from core.network import SRMFNet
-from core.train import (confusion, fitted_schedule_length, iou_from_confusion, load_checkpoint, lr_factor,
-                        param_groups, save_checkpoint, tune_cpu_allocator)
+from core.train import (confusion, iou_from_confusion, load_checkpoint, lr_factor, param_groups, save_checkpoint,
+                        time_budget_factor, tune_cpu_allocator)
 
 
 def test_schedule_is_linear_warmup_then_poly():
@@ -20,16 +20,17 @@ def test_schedule_is_linear_warmup_then_poly():
     assert all(a >= b for a, b in zip(vals, vals[1:]))
 
 
-def test_schedule_fitted_to_a_time_budget():
-    # 100 iterations in 50 s of a 100 s budget: 200 fit, so the poly decay ends at 200, not 3000
-    assert fitted_schedule_length(100, 50.0, 100.0, 3000) == 200
-    # never longer than the planned schedule, never ending before the next iteration
-    assert fitted_schedule_length(100, 10.0, 1000.0, 3000) == 3000
-    assert fitted_schedule_length(100, 99.9, 100.0, 3000) == 101
-    assert fitted_schedule_length(100, 500.0, 100.0, 3000) == 101
-    assert fitted_schedule_length(5, 0.0, 100.0, 3000) == 3000
-    # with it the rate is ~0 when time runs out: at 199 of a fitted 200 (warm-up 10)
-    assert lr_factor(199, fitted_schedule_length(100, 50.0, 100.0, 3000), 10) < 0.01
+def test_time_budget_decay_reaches_zero_at_the_end_of_the_budget():
+    # warm-up ended at 10 s of a 110 s budget: half-way through the rest the factor is 0.5, at the end 0
+    assert time_budget_factor(10.0, 110.0, 10.0) == pytest.approx(1.0)
+    assert time_budget_factor(60.0, 110.0, 10.0) == pytest.approx(0.5)
+    assert time_budget_factor(110.0, 110.0, 10.0) == pytest.approx(0.0)
+    assert time_budget_factor(500.0, 110.0, 10.0) == pytest.approx(0.0)
+    assert time_budget_factor(60.0, 110.0, 10.0, power=2.0) == pytest.approx(0.25)
+    vals = [time_budget_factor(t, 110.0, 10.0) for t in np.linspace(0, 120, 50)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    # the loop takes the smaller of the iteration and time factors: a slow run still ends at ~0
+    assert min(lr_factor(300, 3000, 100), time_budget_factor(109.0, 110.0, 10.0)) < 0.011
 
 
 def test_cpu_allocator_tuning_applies_on_glibc():
