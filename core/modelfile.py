@@ -183,8 +183,8 @@ def save_model(path, model, header: dict) -> Path:
     try:
         from .fileutil import default_file_mode
 
-        os.chmod(tmp, default_file_mode())
         save_file(state, tmp, metadata={METADATA_KEY: json.dumps(full)})
+        os.chmod(tmp, default_file_mode())  # after: safetensors re-creates the file with mode 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -145,3 +145,15 @@ def test_info_does_not_import_torch(random_model):
     run = subprocess.run([sys.executable, "-c", code, str(random_model)], cwd=ROOT, env=engine_env(),
                          capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "NO-TORCH 0", run.stdout + run.stderr
+
+
+def test_saved_model_is_readable_by_others_like_any_file(tmp_path):
+    """The model file gets the mode a plain open() gives (0o666 less the umask), not mkstemp's or
+    safetensors' 0o600: a model saved for colleagues on a shared drive must be readable by them."""
+    import os
+    import stat
+
+    from core.fileutil import default_file_mode
+
+    path = make_random_model(tmp_path / "shared.srmf", n_concepts=3, dim=8)
+    assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()
