@@ -33,7 +33,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | apt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# The embedded default model (an untrained placeholder until a trained one is committed).
+# The embedded default model is committed (trained on the Dubai tiles: resources/models/README.md); this
+# rule only runs when it is missing, and then builds a clearly labelled UNTRAINED placeholder.
 default-model: $(DEFAULT_MODEL)
 
 $(DEFAULT_MODEL): | $(VENV)/.installed

@@ -1,7 +1,8 @@
-"""Build the embedded default model file: ``python -m core.default_model OUTPUT``.
+"""Build the fallback default model file: ``python -m core.default_model OUTPUT``.
 
-Until a trained default model is shipped (fine-tuning issue), this writes a clearly labelled
-UNTRAINED PLACEHOLDER: the EfficientNet-Lite0 backbone carries real ImageNet weights, the text bank is
+The shipped default model is trained (``make train-default``, resources/models/README.md) and
+committed; when that file is missing, ``make install`` runs this to write a clearly labelled
+UNTRAINED PLACEHOLDER instead: the EfficientNet-Lite0 backbone carries real ImageNet weights, the text bank is
 the real MiniLM encoding of the land-cover vocabulary, and the head is randomly initialised with a
 fixed seed. Its header says ``provenance.untrained = true`` and every ``segment`` run warns about it.
 """
