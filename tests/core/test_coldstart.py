@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from osgeo import gdal, ogr, osr
 
 from conftest import ROOT, engine_env
+from polygons import polygonize_mask
 from core.coldstart import (CANDIDATES_NAME, NODATA, RELEVANCE_NAME, CellGrid, Patch, calibrate_threshold,
                             find_class, fit_prototypes, handoff, image_cell_features, order_candidates,
                             read_candidates, read_examples, relevance, spherical_kmeans, write_handoff)
@@ -80,34 +81,6 @@ def tile():
     return load_dubai(["tile_2"], parts=[5])[0]
 
 
-def _write_polygons(path: Path, mask: np.ndarray, gt, srs, layer="water", negative=None):
-    """Polygonise a boolean mask (GDAL Polygonize) into a GeoPackage layer; optional boolean field."""
-    H, W = mask.shape
-    m = gdal.GetDriverByName("MEM").Create("", W, H, 1, gdal.GDT_Byte)
-    m.SetGeoTransform(gt)
-    m.SetSpatialRef(srs)
-    band = m.GetRasterBand(1)
-    band.WriteArray(mask.astype(np.uint8))
-    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
-    lyr = ds.CreateLayer(layer, srs=srs, geom_type=ogr.wkbPolygon)
-    lyr.CreateField(ogr.FieldDefn("value", ogr.OFTInteger))
-    if negative is not None:
-        fd = ogr.FieldDefn("negative", ogr.OFTInteger)
-        fd.SetSubType(ogr.OFSTBoolean)
-        lyr.CreateField(fd)
-    gdal.Polygonize(band, band, lyr, 0)
-    if negative is not None:
-        for f in lyr:
-            f.SetField("negative", int(negative))
-            lyr.SetFeature(f)
-    n = lyr.GetFeatureCount()
-    band = None
-    lyr = None
-    ds = None
-    m = None
-    return n
-
-
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory, tile):
     """dubai.tif (real pixels, made-up UTM 40N georeferencing) and water.gpkg (real water, left third)."""
@@ -125,7 +98,7 @@ def scene(tmp_path_factory, tile):
     examples = tile.label == WATER
     examples[:, W // 3:] = False
     examples[::96] = False  # cut into bands: several example polygons, as an analyst draws them
-    n = _write_polygons(d / "water.gpkg", examples, GT, srs)
+    n = polygonize_mask(d / "water.gpkg", examples, GT, srs)
     assert n >= 4
     return {"dir": d, "raster": d / "dubai.tif", "examples": d / "water.gpkg", "label": tile.label, "srs": srs,
             "H": H, "W": W, "example_mask": examples}
@@ -432,7 +405,7 @@ def test_bad_examples_give_clear_errors_and_leave_nothing(scene, imagenet_model,
     far = tmp_path / "far.gpkg"
     shifted = (GT[0] + 10000.0,) + GT[1:]
     ex = scene["example_mask"]
-    _write_polygons(far, ex, shifted, srs)
+    polygonize_mask(far, ex, shifted, srs)
     with pytest.raises(InputError, match="none of the .* example polygon.* falls on"):
         find_class(scene["raster"], far, out, imagenet_model, device="cpu", reporter=quiet())
     _assert_nothing_left(out, False)
@@ -445,7 +418,7 @@ def test_bad_examples_give_clear_errors_and_leave_nothing(scene, imagenet_model,
         find_class(scene["raster"], scene["examples"], out, imagenet_model, negative_field="is_neg",
                    device="cpu", reporter=quiet())
     neg = tmp_path / "neg.gpkg"
-    _write_polygons(neg, ex, GT, srs, negative=True)
+    polygonize_mask(neg, ex, GT, srs, negative=True)
     with pytest.raises(InputError, match="every example polygon .* is a negative example"):
         find_class(scene["raster"], neg, out, imagenet_model, negative_field="negative", device="cpu",
                    reporter=quiet())

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
+from polygons import polygonize_mask
 from srmf_qgis_testing import DATA, make_feedback, run_alg
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsProcessingException, QgsRasterLayer,
                        QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
@@ -32,22 +33,6 @@ def _water(mask_path):
     return np.all(arr[:3] == np.array(WATER_RGB, dtype=arr.dtype).reshape(3, 1, 1), axis=0)
 
 
-def _polygonize(path, mask, srs, layer, negative=None):
-    H, W = mask.shape
-    m = gdal.GetDriverByName("MEM").Create("", W, H, 1, gdal.GDT_Byte)
-    m.SetGeoTransform(GT)
-    m.SetSpatialRef(srs)
-    band = m.GetRasterBand(1)
-    band.WriteArray(mask.astype(np.uint8))
-    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
-    lyr = ds.CreateLayer(layer, srs=srs, geom_type=ogr.wkbPolygon)
-    lyr.CreateField(ogr.FieldDefn("value", ogr.OFTInteger))
-    gdal.Polygonize(band, band, lyr, 0)
-    n = lyr.GetFeatureCount()
-    band = lyr = ds = m = None
-    return n
-
-
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     """dubai.tif (the real tile, UTM 40N) and water.gpkg (its real water, left third, cut in bands)."""
@@ -69,10 +54,10 @@ def scene(tmp_path_factory):
     examples = water.copy()
     examples[:, W // 3:] = False
     examples[::96] = False
-    n = _polygonize(d / "water.gpkg", examples, srs, "water")
+    n = polygonize_mask(d / "water.gpkg", examples, GT, srs, "water")
     assert n >= 4
     empty = d / "empty.gpkg"
-    _polygonize(empty, np.zeros_like(water), srs, "nothing")
+    polygonize_mask(empty, np.zeros_like(water), GT, srs, "nothing")
     return {"dir": d, "raster": d / "dubai.tif", "examples": d / "water.gpkg", "empty": empty, "water": water,
             "H": H, "W": W, "srs": srs}
 
