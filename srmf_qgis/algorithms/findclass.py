@@ -12,7 +12,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
                        QgsProcessingParameterVectorLayer, QgsProcessingContext)
 
-from .. import runtime, styling
+from .. import styling
 from ..layers import raster_source, vector_source
 from .base import SRMFAlgorithm, absolute, advanced
 
@@ -259,7 +259,7 @@ class FindClassHandoffAlgorithm(SRMFAlgorithm):
         feedback.pushInfo("Next: Fine-tune model with the raster and " + str(result.get("labels")) + " (class field "
                           "'class'), labels of the other classes, base model " + str(result.get("base_model"))
                           + " and the class table file " + str(result.get("classes")) + ".")
-        runtime.set_setting(runtime.SETTINGS_LAST_MODEL, result.get("base_model"))
+        # not remembered as the "last model": its new class is untrained until srmf:finetune has run
         return {"OUTPUT_FOLDER": out, "OUTPUT_LABELS": result.get("labels"),
                 "OUTPUT_BASE_MODEL": result.get("base_model"), "OUTPUT_CLASSES": result.get("classes"),
                 "ACCEPTED": counts.get("accepted"), "COUNTS": counts}

@@ -135,11 +135,16 @@ def test_handoff_after_a_review_in_qgis_feeds_finetune(found, scene, tmp_path):
             cand.changeAttributeValue(f.id(), idx, "rejected")
     assert cand.commitChanges()
     n_examples = QgsVectorLayer(str(scene["examples"]), "ex", "ogr").featureCount()
+    from srmf_qgis import runtime
+
+    last_model = runtime.get_setting(runtime.SETTINGS_LAST_MODEL)
     out = tmp_path / "handoff"
     res = run_alg("srmf:findclasshandoff", {"CANDIDATES": f"{review}|layername=candidates",
                                             "CLASS_NAME": "pond", "COLOUR": "#1F78B4",
                                             "OUTPUT_FOLDER": str(out)})
     assert res["ACCEPTED"] == 5
+    # its base model is not fine-tuned yet: the context menu must not start using it
+    assert runtime.get_setting(runtime.SETTINGS_LAST_MODEL) == last_model
     labels = QgsVectorLayer(res["OUTPUT_LABELS"], "labels", "ogr")
     assert labels.featureCount() == n_examples + 5
     assert {f["class"] for f in labels.getFeatures()} == {"pond"}

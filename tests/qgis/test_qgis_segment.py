@@ -24,7 +24,8 @@ def test_provider_and_algorithms_registered(provider):
     p = registry.providerById("srmf")
     assert p is not None and p.name() == "SRMF"
     ids = sorted(a.id() for a in p.algorithms())
-    assert ids == ["srmf:evaluate", "srmf:finetune", "srmf:modelinfo", "srmf:segment"]
+    assert ids == ["srmf:evaluate", "srmf:findclass", "srmf:findclasshandoff", "srmf:finetune", "srmf:modelinfo",
+                   "srmf:segment"]
     seg = registry.algorithmById("srmf:segment")
     names = [d.name() for d in seg.parameterDefinitions()]
     for expected in ("INPUT", "MODEL", "BANDS", "TILE_SIZE", "STRIDE", "BATCH_SIZE", "DEVICE", "GPU_ID", "OUTPUT",
@@ -34,6 +35,10 @@ def test_provider_and_algorithms_registered(provider):
     for expected in ("INPUT_RASTERS", "LABELS", "LABEL_FIELD", "CLASS_TABLE", "BASE_MODEL", "MAX_ITERATIONS",
                      "BATCH_SIZE", "LEARNING_RATE", "VALIDATION_SHARE", "DEVICE", "OUTPUT_MODEL"):
         assert expected in [d.name() for d in ft.parameterDefinitions()]
+    fc = registry.algorithmById("srmf:findclass")
+    for expected in ("INPUT", "EXAMPLES", "NEGATIVE_FIELD", "MODEL", "CLUSTERS", "TOP_N", "PATCH", "DEVICE",
+                     "OUTPUT_FOLDER"):
+        assert expected in [d.name() for d in fc.parameterDefinitions()]
     for alg in p.algorithms():
         assert alg.shortHelpString() and alg.displayName()
         assert not alg.icon().isNull()
