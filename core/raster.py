@@ -251,6 +251,40 @@ def check_output_path(path, overwrite: bool, what: str = "output") -> Path:
     return p
 
 
+def pixel_size_m(ds) -> Optional[float]:
+    """The ground size of a pixel in metres (square root of the pixel area), or None when the raster
+    has no geotransform or a geographic / unknown CRS (degrees are not metres).
+
+    Args:
+        ds: a GDAL dataset. Returns: metres (float) or None.
+    """
+    gt = ds.GetGeoTransform(can_return_null=True)
+    srs = ds.GetSpatialRef()
+    if gt is None or srs is None or srs.IsGeographic() or not srs.IsProjected():
+        return None
+    area = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
+    return float(area ** 0.5) if area > 0 else None
+
+
+def resolution_warning(raster_gsd_m: Optional[float], model_gsd_m: Optional[float], factor: float = 2.0) -> Optional[str]:
+    """A warning when the raster's pixels are more than ``factor`` times finer or coarser than the
+    model's training ground sample distance (both in metres); None when either is unknown or they match.
+
+    Objects then appear at a scale the model never saw (a 10 cm forest scene to a 0.8 m model: tree
+    crowns the size of building blocks); the message says what to do.
+    """
+    if not raster_gsd_m or not model_gsd_m:
+        return None
+    ratio = raster_gsd_m / model_gsd_m
+    if 1.0 / factor <= ratio <= factor:
+        return None
+    finer = ratio < 1.0
+    return (f"the raster's pixels are {raster_gsd_m:.2f} m, the model was trained at {model_gsd_m:.2f} m "
+            f"({(1 / ratio if finer else ratio):.1f}x {'finer' if finer else 'coarser'}): objects appear at a scale "
+            f"it has not seen, expect poor classes. Resample the raster to about {model_gsd_m:g} m "
+            f"(gdal_translate -tr / Raster > Align rasters) or fine-tune the model on imagery like it.")
+
+
 def crs_label(srs) -> Optional[str]:
     """``AUTHORITY:CODE`` of a spatial reference when it has or can be given one, else its WKT; None."""
     if srs is None:

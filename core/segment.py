@@ -382,6 +382,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
 
     from .protocol import Reporter
     from .raster import (AtomicGeoTIFF, StripReader, check_output_path, compute_scaling, crs_label, open_raster,
+                         pixel_size_m, resolution_warning,
                          select_bands, style_class_band)
 
     rep = reporter or Reporter(json_mode=False)
@@ -412,6 +413,9 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
     for note in scaling.notes:
         rep.log("scaling: " + note)
+    gsd_note = resolution_warning(pixel_size_m(ds), header.get("gsd_m"))
+    if gsd_note:
+        rep.log(gsd_note, "warning")
     batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
     reader = StripReader(ds, band_list, scaling)
     plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
