@@ -24,7 +24,7 @@ zero (no graph, no gradient), and :func:`core.train.train_loop` does not even ca
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +182,31 @@ class ContrastiveRegulariser(nn.Module):
     @property
     def enabled(self) -> bool:
         return self.weight > 0
+
+    def queue_state(self) -> Dict[str, torch.Tensor]:
+        """The memory queue as CPU tensors, for a training checkpoint: ``queue`` float32 (K, queue_size, C),
+        ``fill`` and ``ptr`` int64 (K,); an empty dict while there is no queue (``queue_size`` 0 or nothing
+        enqueued yet)."""
+        if self.queue is None:
+            return {}
+        return {"queue": self.queue.detach().cpu().contiguous(), "fill": self.queue_fill.clone(),
+                "ptr": self.queue_ptr.clone()}
+
+    def load_queue_state(self, state: Dict[str, torch.Tensor], device=None) -> None:
+        """Restore what :meth:`queue_state` returned (an empty dict leaves the queue empty).
+
+        Raises:
+            ValueError: the saved queue has another class count or queue length.
+        """
+        if not state:
+            return
+        q = state["queue"]
+        if q.dim() != 3 or q.shape[0] != self.num_classes or q.shape[1] != self.queue_size:
+            raise ValueError(f"saved contrastive queue {tuple(q.shape)} does not fit {self.num_classes} classes x "
+                             f"{self.queue_size} entries")
+        self.queue = q.to(device) if device is not None else q.clone()
+        self.queue_fill = state["fill"].to(torch.int64).clone()
+        self.queue_ptr = state["ptr"].to(torch.int64).clone()
 
     def _bank(self):
         if self.queue is None or int(self.queue_fill.sum()) == 0:

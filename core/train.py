@@ -69,7 +69,7 @@ class TrainConfig:
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
     contrastive_anchors: int = 64  # anchors drawn per class present in a batch
-    contrastive_queue: int = 0  # per-class memory queue of earlier anchors (0: none; not checkpointed)
+    contrastive_queue: int = 0  # per-class memory queue of earlier anchors (0: none; checkpointed)
 
     def inference_window(self) -> Tuple[int, int]:
         """(window, stride) for validation and for the written model: the paper's 512/341 unless set;
@@ -161,11 +161,14 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
 
 # -- checkpoints (safetensors + JSON, never pickle) -------------------------------------------------
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    scaler: Optional["torch.amp.GradScaler"] = None) -> None:
-    """Model weights, AdamW moments and the loop state in one safetensors file, written atomically."""
+                    scaler: Optional["torch.amp.GradScaler"] = None,
+                    extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Model weights, AdamW moments, the loop state and ``extra`` tensors (e.g. the contrastive memory
+    queue, read back by :func:`load_checkpoint_extra`) in one safetensors file, written atomically."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     opt_state = optimizer.state_dict()
     scalars = {}
     for idx, st in opt_state["state"].items():
@@ -218,6 +221,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return meta["state"]
+
+
+def load_checkpoint_extra(path: Path, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The ``extra`` tensors :func:`save_checkpoint` stored whose names start with ``prefix`` (the prefix
+    removed); an empty dict for a checkpoint written without them."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), "pt") as fh:
+        for k in fh.keys():
+            if k.startswith("extra." + prefix):
+                out[k[len("extra." + prefix):]] = fh.get_tensor(k)
+    return out
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -402,6 +418,8 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
         rep.log(f"contrastive regularisation on: weight {config.contrastive_weight}, temperature "
                 f"{config.contrastive_temperature}, {config.contrastive_anchors} anchors per class"
                 + (f", queue {config.contrastive_queue} per class" if config.contrastive_queue else ""))
+        if resume:  # the queue is part of the checkpoint, so a resumed run continues exactly
+            contrast.load_queue_state(load_checkpoint_extra(ckpt, "contrastive."), device)
     micro = max(1, config.batch_size // max(1, config.accumulate))
     it = state["iteration"]
     if device.type == "cpu":
@@ -498,7 +516,8 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
             state["iteration"] = it
             state["seconds"] = time.perf_counter() - t0
             if dist_info.is_main:
-                save_checkpoint(ckpt, model, optimizer, state, scaler)
+                extra = {f"contrastive.{k}": v for k, v in contrast.queue_state().items()} if contrast else None
+                save_checkpoint(ckpt, model, optimizer, state, scaler, extra)
             _barrier(dist_info)
         if stop_after is not None and it >= stop_after:
             raise Cancelled(f"stopped after iteration {it} (stop_after)")

@@ -80,11 +80,15 @@ def test_real_finetune_lowers_the_loss_and_writes_a_valid_model(tmp_path, tiles,
     assert not (tmp_path / "tuned.srmf.work").exists()
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiles, random_model, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"contrastive_weight": 0.5, "contrastive_queue": 16}],
+                         ids=["plain", "contrastive-queue"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiles, random_model, monkeypatch, extra):
+    """With the contrastive option the memory queue of earlier anchors is checkpointed too: without it
+    the resumed iterations would contrast against an empty queue and drift from the uninterrupted run."""
     monkeypatch.setenv("SRMF_CACHE_DIR", str(tmp_path / "cache"))
     train, _ = tiles
     classes = [dict(c) for c in dubai_class_table().to_header()]
-    cfg = small_config(iterations=6, checkpoint_interval=3, batch_size=2)
+    cfg = small_config(iterations=6, checkpoint_interval=3, batch_size=2, **extra)
     whole = tmp_path / "whole.srmf"
     finetune(whole, images=train, classes=classes, base_model=random_model, config=cfg, device="cpu",
              val_share=0, reporter=quiet())
@@ -97,6 +101,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiles, rando
     res = finetune(killed, images=train, classes=classes, base_model=random_model, config=cfg, device="cpu",
                    val_share=0, reporter=Reporter(json_mode=True, stream=log), resume=True)
     assert res["iterations"] == 6 and "resumed from" in log.getvalue() and "at iteration 3" in log.getvalue()
+    if extra:
+        assert "contrastive regularisation on" in log.getvalue()
     a, b = load_model(whole).model.state_dict(), load_model(killed).model.state_dict()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
