@@ -84,7 +84,8 @@ def _cmd_info(args, rep: Reporter) -> dict:
 
     path = args.model or str(DEFAULT_MODEL_PATH)
     header = read_header(path)
-    rep.result({"model": path, "header": header}, text=describe(header, path))
+    text = describe(header, path)
+    rep.result({"model": path, "header": header, "description": text}, text=text)
     return header
 
 

@@ -50,7 +50,8 @@ class ModelInfoAlgorithm(SRMFAlgorithm):
         result = self.run_engine("info", [model] if model else [], feedback, require_torch=False)
         header = result.get("header") or {}
         path = result.get("model") or model
-        feedback.pushInfo(describe(header, path))
+        # the engine's own description (core.modelfile.describe), so the log matches `python -m core info`
+        feedback.pushInfo(result.get("description") or json.dumps(header, indent=2))
         classes = sorted(header.get("classes") or [], key=lambda c: int(c["id"]))
         prov = header.get("provenance") or {}
         if prov.get("untrained"):
@@ -78,33 +79,6 @@ class ModelInfoAlgorithm(SRMFAlgorithm):
                 fh.write(html_report(header, path))
             results["OUTPUT_HTML"] = out_html
         return results
-
-
-def describe(header: dict, path) -> str:
-    """A plain-text description of a model header (for the log)."""
-    arch = header.get("architecture") or {}
-    inp = header.get("input") or {}
-    inf = header.get("inference") or {}
-    te = header.get("text_encoder") or {}
-    prov = header.get("provenance") or {}
-    lines = [f"Model: {path}"]
-    if prov.get("untrained"):
-        lines.append("WARNING: UNTRAINED PLACEHOLDER \u2014 predictions are not meaningful")
-    lines.append(f"Backbone: {arch.get('backbone')} (text fusion {'on' if arch.get('text_fusion', True) else 'off'})")
-    if te:
-        lines.append(f"Text encoder: {te.get('id')} (D = {te.get('dim')})")
-    lines.append(f"Bands: {', '.join(inp.get('bands') or [])}")
-    gsd = header.get("gsd_m")
-    lines.append(f"Ground sample distance: {gsd} m" if gsd else "Ground sample distance: unknown")
-    lines.append(f"Tile size {inf.get('window')} px, stride {inf.get('stride')} px")
-    lines.append("Classes:")
-    for c in sorted(header.get("classes") or [], key=lambda c: int(c["id"])):
-        lines.append(f"  {int(c['id']):3d}  {c.get('name', ''):<20s} {c.get('colour', ''):8s} {c.get('prompt', '')}")
-    if header.get("metrics"):
-        lines.append("Metrics: " + json.dumps(header["metrics"]))
-    if prov:
-        lines.append("Provenance: " + json.dumps(prov))
-    return "\n".join(lines)
 
 
 def html_report(header: dict, path) -> str:

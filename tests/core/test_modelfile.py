@@ -116,6 +116,8 @@ def test_info_command_prints_the_header(random_model):
     assert run.returncode == 0, run.stderr
     msg = json.loads(run.stdout.strip().splitlines()[-1])
     assert msg["type"] == "result" and msg["header"]["architecture"]["backbone"] == "efficientnet_lite0"
+    # the QGIS modelinfo algorithm logs this description instead of keeping its own copy
+    assert msg["description"].startswith(f"Model: {random_model}") and "building" in msg["description"]
     text = subprocess.run([sys.executable, "-m", "core", "info", str(random_model)], cwd=ROOT, env=engine_env(),
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "building" in text.stdout and "efficientnet_lite0" in text.stdout
