@@ -6,9 +6,8 @@ Each backbone returns four feature maps at strides 4, 8, 16 and 32, as SegFormer
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from .errors import InputError, ModelFileError
 

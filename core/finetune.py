@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -139,7 +138,7 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         InputError: bad input, before anything is written.
     """
     from .classes import adapt_classes, normalise_class_table
-    from .modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model, save_model
+    from .modelfile import DEFAULT_MODEL_PATH, load_model, save_model
     from .protocol import Reporter
     from .raster import check_output_path
     from .sampling import TrainingSampler

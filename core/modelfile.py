@@ -30,7 +30,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from .errors import ModelFileError
 

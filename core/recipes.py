@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 VAL_TILE = "tile_3"

@@ -14,7 +14,6 @@ that are entirely nodata are skipped.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, InputError
+from .errors import InputError
 
 RowsCallback = Callable[[int, "RowBlock"], None]
 

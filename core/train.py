@@ -21,11 +21,9 @@ available and each process keeps its own batch statistics); rank 0 validates and
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 

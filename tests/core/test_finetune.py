@@ -3,20 +3,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from osgeo import gdal
 
 from conftest import ATLANTA, DATA, ROOT, engine_env, make_random_model
 from core.data import dubai_class_table, load_dubai
-from core.errors import Cancelled, InputError
+from core.errors import Cancelled
 from core.finetune import finetune
 from core.modelfile import load_model, read_header
 from core.protocol import Reporter

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from osgeo import gdal, osr
+from osgeo import gdal
 
 from conftest import ADELAIDE, ATLANTA, DUBAI_CLASSES, OSBS, REAL_GEOTIFFS, read_band
 from core.modelfile import load_model
