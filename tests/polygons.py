@@ -1,5 +1,5 @@
-"""Example polygon layers for the tests, polygonised from real label masks (no torch, no QGIS: the
-engine tests and the QGIS tests both import it)."""
+"""Test scenes from real Dubai tiles: georeferenced RGB GeoTIFFs and example polygon layers polygonised
+from real label masks (no torch, no QGIS: the engine tests and the QGIS tests both import it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,3 +32,19 @@ def polygonize_mask(path, mask: np.ndarray, gt, srs, layer: str = "water", negat
     n = lyr.GetFeatureCount()
     band = lyr = ds = m = None  # close in this order (GDAL < 3.8 frees the band under its dataset)
     return n
+
+
+def write_rgb_geotiff(path, image: np.ndarray, gt, srs) -> None:
+    """Write a uint8 (3, H, W) RGB image as a GeoTIFF on the grid ``gt`` in ``srs``, bands tagged red,
+    green, blue (as an analyst's orthophoto)."""
+    from osgeo import gdal
+
+    _, H, W = image.shape
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), W, H, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform(gt)
+    ds.SetSpatialRef(srs)
+    for b, ci in enumerate((gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)):
+        ds.GetRasterBand(b + 1).WriteArray(image[b])
+        ds.GetRasterBand(b + 1).SetColorInterpretation(ci)
+    ds.FlushCache()
+    ds = None

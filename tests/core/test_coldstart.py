@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from osgeo import gdal, ogr, osr
 
 from conftest import ROOT, engine_env
-from polygons import polygonize_mask
+from polygons import polygonize_mask, write_rgb_geotiff
 from core.coldstart import (CANDIDATES_NAME, NODATA, RELEVANCE_NAME, CellGrid, Patch, calibrate_threshold,
                             find_class, fit_prototypes, handoff, image_cell_features, order_candidates,
                             read_candidates, read_examples, relevance, spherical_kmeans, write_handoff)
@@ -88,13 +88,7 @@ def scene(tmp_path_factory, tile):
     H, W = tile.label.shape
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32640)
-    ds = gdal.GetDriverByName("GTiff").Create(str(d / "dubai.tif"), W, H, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform(GT)
-    ds.SetSpatialRef(srs)
-    for b, ci in enumerate((gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)):
-        ds.GetRasterBand(b + 1).WriteArray(tile.image[b])
-        ds.GetRasterBand(b + 1).SetColorInterpretation(ci)
-    ds = None
+    write_rgb_geotiff(d / "dubai.tif", tile.image, GT, srs)
     examples = tile.label == WATER
     examples[:, W // 3:] = False
     examples[::96] = False  # cut into bands: several example polygons, as an analyst draws them

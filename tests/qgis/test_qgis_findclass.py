@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
-from polygons import polygonize_mask
+from polygons import polygonize_mask, write_rgb_geotiff
 from srmf_qgis_testing import DATA, make_feedback, run_alg
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsProcessingException, QgsRasterLayer,
                        QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
@@ -43,13 +43,7 @@ def scene(tmp_path_factory):
     H, W = img.shape[1:]
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32640)
-    ds = gdal.GetDriverByName("GTiff").Create(str(d / "dubai.tif"), W, H, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform(GT)
-    ds.SetSpatialRef(srs)
-    for b, ci in enumerate((gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)):
-        ds.GetRasterBand(b + 1).WriteArray(img[b])
-        ds.GetRasterBand(b + 1).SetColorInterpretation(ci)
-    ds = None
+    write_rgb_geotiff(d / "dubai.tif", img, GT, srs)
     water = _water(TILE_MASK)
     examples = water.copy()
     examples[:, W // 3:] = False
