@@ -60,6 +60,21 @@ def engine_interpreter():
         os.environ["SRMF_PYTHON"] = old
 
 
+@pytest.fixture(autouse=True)
+def clean_srmf_settings():
+    """Every test starts without a remembered model, device or interpreter and leaves none behind, so a
+    fine-tune in one test cannot change which model a later test segments with (the engine is found
+    through SRMF_PYTHON, set for the session above)."""
+    from qgis.core import QgsSettings
+
+    keys = ("srmf/python", "srmf/last_model", "srmf/device", "srmf/torch_variant")
+    for key in keys:
+        QgsSettings().remove(key)
+    yield
+    for key in keys:
+        QgsSettings().remove(key)
+
+
 @pytest.fixture(scope="session")
 def provider(qgis_processing):
     """The SRMF provider registered in the Processing registry (and Processing's own providers)."""

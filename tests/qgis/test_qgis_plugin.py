@@ -62,9 +62,6 @@ def test_context_menu_actions_for_raster_layers_only(plugin, qgis_iface, clean_p
 
 
 def test_segment_with_srmf_adds_a_styled_layer(plugin, qgis_iface, clean_project, osbs_copy):
-    from srmf_qgis import runtime
-
-    runtime.set_setting(runtime.SETTINGS_LAST_MODEL, "")  # no model used yet (other tests fine-tune): the default
     layer = QgsRasterLayer(str(osbs_copy), "OSBS", "gdal")
     QgsProject.instance().addMapLayer(layer)
     qgis_iface.setActiveLayer(layer)
