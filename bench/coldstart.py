@@ -525,6 +525,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             how = f"base model {lm.path.name} as is (untrained head: {lm.untrained})"
         rep(f"{name}: features from {how}")
         if id(lm) not in caches:  # one cache per model: the base model's features serve every class
+            # only the current model's features are kept: a model's cache of the whole training and
+            # validation tiles is ~10 GB (256 float32 channels at stride 4), so three would exhaust 24 GB
+            caches.clear()
             caches[id(lm)] = FeatureCache(lm.model, lm.header["input"]["mean"], lm.header["input"]["std"], dev)
         feats = caches[id(lm)]
         rows = evaluate_class(cid, name, train, val, feats, args, rep)
