@@ -330,6 +330,10 @@ def add_finetune_arguments(p) -> None:
                    help="weight of the class-balanced contrastive (InfoNCE) loss on the fused features; 0 = off")
     p.add_argument("--contrastive-temperature", type=float, default=0.1,
                    help="temperature of the contrastive loss")
+    p.add_argument("--contrastive-anchors", type=int, default=64,
+                   help="contrastive anchors drawn per class present in a batch (at least 2)")
+    p.add_argument("--contrastive-queue", type=int, default=0,
+                   help="per-class memory queue of earlier anchors, for small batches (0 = none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
@@ -389,6 +393,10 @@ def run_finetune_command(args, rep) -> dict:
         raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {args.contrastive_weight})")
     if not args.contrastive_temperature > 0:
         raise InputError(f"--contrastive-temperature must be positive (got {args.contrastive_temperature})")
+    if args.contrastive_anchors < 2:
+        raise InputError(f"--contrastive-anchors must be at least 2 (got {args.contrastive_anchors})")
+    if args.contrastive_queue < 0:
+        raise InputError(f"--contrastive-queue must be 0 (none) or positive (got {args.contrastive_queue})")
     lm = load_model(args.base_model or DEFAULT_MODEL_PATH)
     if args.classes:
         cpath = Path(args.classes)
@@ -422,7 +430,8 @@ def run_finetune_command(args, rep) -> dict:
                          eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
                          seed=args.seed, mars=not args.no_mars, srr=not args.no_srr, srr_k=args.srr_k,
                          contrastive_weight=args.contrastive_weight,
-                         contrastive_temperature=args.contrastive_temperature)
+                         contrastive_temperature=args.contrastive_temperature,
+                         contrastive_anchors=args.contrastive_anchors, contrastive_queue=args.contrastive_queue)
     classes = [{**{k: v for k, v in c.items() if k in ("name", "colour", "prompt", "from")}} for c in raw]
     result = finetune(out, images=images, classes=classes, base_model=lm, config=config, device=args.device,
                       val_share=args.val_share,

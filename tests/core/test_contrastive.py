@@ -205,3 +205,11 @@ def test_cli_flags(capsys):
                  "--json"]) == 2
     err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "--contrastive-weight must be 0 (off) or positive" in err["message"]
+    args = build_parser("finetune").parse_args(["finetune", "m.srmf", "--contrastive-weight", "0.1",
+                                                "--contrastive-anchors", "32", "--contrastive-queue", "128"])
+    assert args.contrastive_anchors == 32 and args.contrastive_queue == 128
+    for flag, value, message in (("--contrastive-anchors", "1", "--contrastive-anchors must be at least 2"),
+                                 ("--contrastive-queue", "-5", "--contrastive-queue must be 0 (none) or positive")):
+        assert main(["finetune", "m.srmf", "--raster", "x.tif", "--labels", "y.tif", "--contrastive-weight", "0.1",
+                     flag, value, "--json"]) == 2
+        assert message in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]
