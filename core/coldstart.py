@@ -83,7 +83,8 @@ STATUSES = ("pending", "accepted", "rejected")
 FEATURE_SPACES = ("fused", "embedding", "both")
 MODES = ("max", "mean")
 METHODS = ("cat", "prototype", "nn", "random")
-DEFAULTS = {"clusters": 3, "top_n": 100, "patch": 64, "mode": "max", "features": "fused",
+# clusters: 1 (one mean prototype) won the leave-one-class-out evaluation (README, bench/coldstart.py)
+DEFAULTS = {"clusters": 1, "top_n": 100, "patch": 64, "mode": "max", "features": "fused",
             "max_per_polygon": 400, "recall_target": 0.9, "min_points_per_cluster": 10,
             "min_cluster_share": 0.02, "n_init": 8, "center_windows": 8, "exclude_share": 0.5}
 _NEGATIVE_TRUE = {"1", "true", "t", "yes", "y", "negative", "neg"}
@@ -1554,7 +1555,7 @@ def add_findclass_arguments(p) -> None:
     p.add_argument("output_dir", help="folder for relevance.tif and candidates.gpkg (created when missing)")
     p.add_argument("--model", default=None, help="model file (default: the embedded default model)")
     p.add_argument("--layer", default=None, help="layer of the example file (default: its first)")
-    p.add_argument("--clusters", type=int, default=DEFAULTS["clusters"], help="K, upper bound on centroids")
+    p.add_argument("--clusters", type=int, default=DEFAULTS["clusters"], help="K, upper bound on centroids (default 1: one mean prototype; more for a class with distinct looks)")
     p.add_argument("--top-n", type=int, default=DEFAULTS["top_n"], help="candidate patches to write")
     p.add_argument("--negative-field", default=None, help="boolean field marking negative examples")
     p.add_argument("--patch", type=int, default=DEFAULTS["patch"], help="candidate patch size in pixels (multiple of 4)")
