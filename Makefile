@@ -38,7 +38,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | apt
 default-model: $(DEFAULT_MODEL)
 
 $(DEFAULT_MODEL): | $(VENV)/.installed
-	$(PY) -m core.default_model $@
+	$(PY) -m core.model.default $@
 
 # The main job headless: QGIS Processing srmf:segment on a real GeoTIFF with the default model; writes the
 # styled class raster (+ .qml), polygons, the area table and a PNG quick-look into demo-output/.
@@ -85,18 +85,18 @@ bench: install
 clean:
 	rm -rf demo-output .pytest_cache
 
-# Fine-tuning recipes on the real Dubai tiles (core/recipes.py). A GPU is strongly advised: on a
+# Fine-tuning recipes on the real Dubai tiles (bench/recipes.py). A GPU is strongly advised: on a
 # 2-core CPU one iteration (batch 8, crop 256) takes ~10 s. ITERATIONS/MINUTES/DEVICE override.
 .PHONY: train-default ablation
 ITERATIONS ?=
 MINUTES ?=
 DEVICE ?= auto
 train-default: install
-	$(PY) -m core.recipes default --output $(DEFAULT_MODEL) --device $(DEVICE) \
+	$(PY) -m bench.recipes default --output $(DEFAULT_MODEL) --device $(DEVICE) \
 	  $(if $(ITERATIONS),--iterations $(ITERATIONS)) $(if $(MINUTES),--minutes $(MINUTES))
 
 ablation: install
-	$(PY) -m core.recipes ablation --device $(DEVICE) --out-dir ablation-output \
+	$(PY) -m bench.recipes ablation --device $(DEVICE) --out-dir ablation-output \
 	  $(if $(ITERATIONS),--iterations $(ITERATIONS)) $(if $(MINUTES),--minutes $(MINUTES))
 
 # Cold-start class discovery and the contrastive option on the real Dubai tiles (bench/coldstart.py).

@@ -20,7 +20,7 @@ label) is left out of training.
    Then k ∈ ``--ks`` example components of the class are drawn from the training tiles (connected
    components of its mask of at least ``--min-component`` px, ``--draws`` seeded draws per k); each
    component is an "example polygon": its cells on the stride-4 grid, eroded by one cell, capped at
-   400 (as :func:`core.coldstart.read_examples`). Every method scores every cell of the validation
+   400 (as :func:`core.findclass.examples.read_examples`). Every method scores every cell of the validation
    tile on the same features (fused map, centred by the validation tile's mean feature, as findclass
    centres by the searched raster's):
 
@@ -33,14 +33,14 @@ label) is left out of training.
    least ``--positive-share`` (default a quarter) of its labelled pixels: at 0.8 m a 64 px patch is 51 m
    wide, and a road rarely fills half of one. Figures: **AUPRC** (average precision) over the patches,
    **recall at review budgets** (share of the positive patches among the top B), and **IoU** of the
-   cells at or above the leave-one-polygon-out threshold (:func:`core.coldstart.calibrate_threshold`,
+   cells at or above the leave-one-polygon-out threshold (:func:`core.findclass.prototypes.calibrate_threshold`,
    recall target 0.9) against the cells of the class (cell = its centre pixel's label; 255 ignored).
    Mean ± standard deviation over the draws.
 
 2. **Contrastive option vs plain SRMF** at the same budget: two models trained from the same
    ImageNet initialisation (EfficientNet-Lite0 + MiniLM text bank, :func:`core.recipes.default_config`
    recipe), one with ``contrastive_weight`` > 0; per-class IoU, mIoU and tail-class mIoU
-   (:func:`core.evaluate.metrics_from_confusion`: classes below the median frequency) on the
+   (:func:`core.metrics.metrics_from_confusion`: classes below the median frequency) on the
    validation tile.
 
 Results: Markdown tables on standard output and ``<out-dir>/coldstart-bench.{md,json}`` (written after
@@ -71,7 +71,7 @@ def _csv(text: Optional[str]) -> List[str]:
 
 # -- data --------------------------------------------------------------------------------------------------
 def load_data(train_tiles: Sequence[str], val_tile: str, val_parts: Optional[Sequence[int]]):
-    from core.data import load_dubai
+    from core.finetune.sources import load_dubai
 
     train = load_dubai(list(train_tiles), exclude_bad=True)
     val = load_dubai([val_tile], parts=val_parts)
@@ -100,7 +100,7 @@ def component_cells(mask: np.ndarray, cap: int, rng: np.random.Generator) -> np.
     as is when that empties it), capped at ``cap`` (random subset) — as findclass samples a polygon."""
     from scipy import ndimage
 
-    from core.coldstart import CellGrid
+    from core.findclass.cells import CellGrid
 
     g = CellGrid(*mask.shape)
     m = mask[np.floor(g.cy).astype(int)][:, np.floor(g.cx).astype(int)]
@@ -123,7 +123,7 @@ class FeatureCache:
         self.seconds = 0.0
 
     def __call__(self, im):
-        from core.coldstart import image_cell_features
+        from core.findclass.cells import image_cell_features
 
         if im.name not in self.cache:
             t = time.perf_counter()
@@ -186,7 +186,7 @@ def patch_scores(rel_maps: Sequence[np.ndarray], keys, pc: int) -> np.ndarray:
 
 
 def cell_truth(val, class_id: int):
-    from core.coldstart import CellGrid
+    from core.findclass.cells import CellGrid
 
     out = []
     for im in val:
@@ -202,7 +202,7 @@ def evaluate_class(class_id: int, class_name: str, train, val, feats: FeatureCac
     import torch.nn.functional as F
     from scipy import ndimage
 
-    from core.coldstart import calibrate_threshold, fit_prototypes, relevance
+    from core.findclass.prototypes import calibrate_threshold, fit_prototypes, relevance
 
     comps = components(train, class_id, args.min_component)
     if not comps:
@@ -360,10 +360,10 @@ def train_model(out: Path, train, val, classes: List[dict], args, *, iterations:
     validating once at the end; returns the finetune result."""
     import io
 
-    from core.finetune import finetune
-    from core.modelfile import DEFAULT_INPUT
+    from core.finetune.job import finetune
+    from core.model.modelfile import DEFAULT_INPUT
     from core.protocol import Reporter
-    from core.recipes import DUBAI_GSD_M, _BaseStub, default_config
+    from bench.recipes import DUBAI_GSD_M, _BaseStub, default_config
 
     config = default_config(iterations=iterations, batch_size=args.batch_size, crop=args.crop,
                             eval_interval=iterations, checkpoint_interval=iterations, seed=seed,
@@ -390,9 +390,9 @@ def without_class(images, class_id: int):
 
 
 def contrastive_comparison(train, val, args, rep, out_dir: Path) -> dict:
-    from core.data import dubai_class_table
-    from core.evaluate import metrics_from_confusion
-    from core.modelfile import read_header
+    from core.classtable import dubai_class_table
+    from core.metrics import metrics_from_confusion
+    from core.model.modelfile import read_header
 
     classes = [dict(c) for c in dubai_class_table().to_header()]
     names = [c["name"] for c in classes]
@@ -469,9 +469,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
-    from core.data import dubai_class_table
-    from core.modelfile import DEFAULT_MODEL_PATH, load_model
-    from core.segment import resolve_device
+    from core.classtable import dubai_class_table
+    from core.model.modelfile import DEFAULT_MODEL_PATH, load_model
+    from core.device import resolve_device
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

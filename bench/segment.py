@@ -13,14 +13,14 @@ seeded random models of the real architecture (speed does not depend on the weig
 For every backbone and raster size, each measurement runs in its own subprocess, so that its peak
 resident memory (VmHWM / ru_maxrss) is its own:
 
-* ``e2e``: :func:`core.segment.segment_raster`, the whole job (open, read, normalise, forward,
+* ``e2e``: :func:`core.segment.job.segment_raster`, the whole job (open, read, normalise, forward,
   accumulate, write the class GeoTIFF), in raster megapixels per second;
 * ``raw``: the network alone (``WindowPredictor(batch)`` in a loop on pre-built, normalised input
   tensors of the same windows and batch size), on a sample of the windows where the full set would
   take too long, extrapolated to the full window count and expressed in raster megapixels per second,
   so that ``e2e / raw`` says how much of the network's speed the job keeps (goal >= 0.9);
 * ``naive`` (sizes in ``--naive-sizes``): the whole raster read into memory and
-  :func:`core.segment.slide_inference_in_memory` (one full (K, H, W) logit tensor), then the class
+  :func:`core.windows.slide_inference_in_memory` (one full (K, H, W) logit tensor), then the class
   raster written.
 
 Results: a Markdown table on standard output and ``<out-dir>/segment-bench.{md,json}``.
@@ -185,7 +185,7 @@ def _child_info(spec: dict) -> dict:
     from osgeo import gdal
 
     import segmentation_models_pytorch as smp
-    from core.segment import DEFAULT_BATCH, resolve_device
+    from core.device import DEFAULT_BATCH, resolve_device
 
     dev = resolve_device(spec.get("device", "auto"))
     if dev.type == "cuda":
@@ -210,8 +210,8 @@ def _child_info(spec: dict) -> dict:
 def _child_build_model(spec: dict) -> dict:
     import torch
 
-    from core.modelfile import save_model
-    from core.network import SRMFNet, architecture_config
+    from core.model.modelfile import save_model
+    from core.model.network import SRMFNet, architecture_config
 
     torch.manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(54, 384), dim=1)
@@ -228,9 +228,10 @@ def _child_build_model(spec: dict) -> dict:
 
 def _open_job(spec: dict):
     """The pieces segment_raster builds before its loop: model, raster, bands, scaling, plan, batch."""
-    from core.modelfile import load_model
-    from core.raster import StripReader, compute_scaling, open_raster, select_bands
-    from core.segment import DEFAULT_BATCH, SlidePlan, resolve_device
+    from core.model.modelfile import load_model
+    from core.geo.raster import StripReader, compute_scaling, open_raster, select_bands
+    from core.device import DEFAULT_BATCH, resolve_device
+    from core.windows import SlidePlan
 
     dev = resolve_device(spec["device"])
     lm = load_model(spec["model"], device="cpu")
@@ -254,7 +255,7 @@ def _sync(dev) -> None:
 
 def _child_raw(spec: dict) -> dict:
     """The network alone on pre-built input tensors of the job's windows (a sample if asked)."""
-    from core.segment import WindowPredictor, _batched, _window_tensor
+    from core.windows import WindowPredictor, _batched, _window_tensor
 
     dev, lm, ds, inp, reader, plan, batch = _open_job(spec)
     predictor = WindowPredictor(lm.model, dev)
@@ -314,7 +315,7 @@ def _remove_output(path: Path, spec: dict) -> None:
 
 def _child_e2e(spec: dict) -> dict:
     from core.protocol import Reporter
-    from core.segment import segment_raster
+    from core.segment.job import segment_raster
 
     rep = Reporter(json_mode=True, stream=_ProgressStream(spec["label"]))
     kwargs = dict(batch_size=spec.get("batch_size"), device=spec["device"], overwrite=True, reporter=rep)
@@ -344,8 +345,8 @@ def _child_e2e(spec: dict) -> dict:
 
 
 def _child_naive(spec: dict) -> dict:
-    from core.raster import AtomicGeoTIFF, style_class_band
-    from core.segment import WindowPredictor, slide_inference_in_memory
+    from core.geo.raster import AtomicGeoTIFF, style_class_band
+    from core.windows import WindowPredictor, slide_inference_in_memory
 
     t0 = time.perf_counter()
     dev, lm, ds, inp, reader, plan, batch = _open_job(spec)

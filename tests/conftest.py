@@ -45,8 +45,8 @@ def make_random_model(path: Path, backbone: str = "efficientnet_lite0", seed: in
     """A seeded random-initialised SRMF model file of the real architecture (no downloads)."""
     import torch
 
-    from core.modelfile import save_model
-    from core.network import SRMFNet, architecture_config
+    from core.model.modelfile import save_model
+    from core.model.network import SRMFNet, architecture_config
 
     torch.manual_seed(seed)
     bank = torch.nn.functional.normalize(torch.randn(n_concepts, dim), dim=1) if text_fusion else None

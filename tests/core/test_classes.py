@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import make_random_model
-from core.classes import adapt_classes, normalise_class_table
+from core.model.adapt import adapt_classes
+from core.classtable import normalise_class_table
 from core.errors import InputError
-from core.modelfile import load_model
+from core.model.modelfile import load_model
 
 
 class CountingEncoder:

@@ -24,12 +24,17 @@ from osgeo import gdal, ogr, osr
 
 from conftest import ROOT, engine_env
 from polygons import polygonize_mask, write_rgb_geotiff
-from core.coldstart import (CANDIDATES_NAME, NODATA, RELEVANCE_NAME, CellGrid, Patch, calibrate_threshold,
-                            find_class, fit_prototypes, handoff, image_cell_features, order_candidates,
-                            read_candidates, read_examples, relevance, spherical_kmeans, write_handoff)
-from core.data import load_dubai, load_sources
+from core.findclass.candidates import Patch, order_candidates, read_candidates
+from core.findclass.params import CANDIDATES_NAME
+from core.findclass.job import find_class
+from core.findclass.params import NODATA, RELEVANCE_NAME
+from core.findclass.cells import CellGrid, image_cell_features
+from core.findclass.prototypes import calibrate_threshold, fit_prototypes, relevance, spherical_kmeans
+from core.findclass.handoff import handoff, write_handoff
+from core.findclass.examples import read_examples
+from core.finetune.sources import load_dubai, load_sources
 from core.errors import InputError
-from core.modelfile import load_model, save_model
+from core.model.modelfile import load_model, save_model
 from core.protocol import Reporter
 
 gdal.UseExceptions()
@@ -61,7 +66,7 @@ def quiet():
 @pytest.fixture(scope="module")
 def imagenet_model(tmp_path_factory) -> Path:
     """The real architecture, ImageNet EfficientNet-Lite0 backbone, seeded random head, 5 Dubai classes."""
-    from core.network import SRMFNet, architecture_config
+    from core.model.network import SRMFNet, architecture_config
     from conftest import DUBAI_CLASSES
 
     torch.manual_seed(0)
@@ -324,10 +329,10 @@ def test_handoff_excludes_rejected_and_starts_the_row_from_the_centroids(found, 
     # the command form (for the QGIS side), with the model's own text encoder
     import argparse
 
-    import core.text
-    from core.coldstart import add_handoff_arguments, run_handoff_command
+    import core.model.text.encoders
+    from core.findclass.command import add_handoff_arguments, run_handoff_command
 
-    monkeypatch.setattr(core.text, "get_text_encoder", lambda spec=None, device="cpu": StubEncoder())
+    monkeypatch.setattr(core.model.text.encoders, "get_text_encoder", lambda spec=None, device="cpu": StubEncoder())
     ap = argparse.ArgumentParser()
     add_handoff_arguments(ap)
     args = ap.parse_args([str(gpkg), str(tmp_path / "handoff2"), "--class-name", "lagoon", "--base-model",
@@ -426,7 +431,7 @@ def test_bad_examples_give_clear_errors_and_leave_nothing(scene, imagenet_model,
 
 
 def test_a_failure_midway_leaves_no_output(scene, imagenet_model, tmp_path, monkeypatch):
-    import core.coldstart as cs
+    import core.findclass.job as cs
 
     def boom(*a, **k):
         raise RuntimeError("simulated failure while scoring")

@@ -11,14 +11,16 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from conftest import make_random_model
-from core.contrastive import (ContrastiveRegulariser, FeatureCapture, labels_at, region_embeddings,
-                              sample_anchors, supcon_loss)
-from core.data import dubai_class_table, load_dubai
+from core.finetune.contrastive import (ContrastiveRegulariser, FeatureCapture, labels_at, region_embeddings,
+                                       sample_anchors, supcon_loss)
+from core.classtable import dubai_class_table
+from core.finetune.sources import load_dubai
 from core.errors import InputError
-from core.modelfile import load_model
+from core.model.modelfile import load_model
 from core.protocol import Reporter
-from core.sampling import TrainingSampler
-from core.train import SampleBatcher, TrainConfig, train_loop
+from core.finetune.sampler import TrainingSampler
+from core.finetune.loop import SampleBatcher, train_loop
+from core.finetune.config import TrainConfig
 
 
 def _sampler(images):
@@ -102,7 +104,7 @@ def test_disabled_regulariser_has_no_effect_and_no_gradient(batch, model_file, i
     with_off = torch.autograd.grad(ce + out, params, allow_unused=True)
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(plain, with_off))
     # the training loop with the default config never builds the regulariser nor hooks the fusion block
-    import core.contrastive as contrastive
+    import core.finetune.contrastive as contrastive
 
     def refuse(*a, **k):
         raise AssertionError("the contrastive regulariser was built although it is off")
@@ -169,7 +171,7 @@ def test_supcon_prefers_separated_embeddings_and_uses_the_queue():
 
 
 def test_finetune_with_the_contrastive_option(images, model_file, tmp_path, monkeypatch):
-    from core.finetune import finetune
+    from core.finetune.job import finetune
 
     monkeypatch.setenv("SRMF_CACHE_DIR", str(tmp_path / "cache"))
     stream = io.StringIO()
@@ -183,7 +185,7 @@ def test_finetune_with_the_contrastive_option(images, model_file, tmp_path, monk
     metrics = [m for m in msgs if m["type"] == "metrics" and "contrastive" in m]
     assert len(metrics) == 3 and all(np.isfinite(m["contrastive"]) and m["contrastive"] > 0 for m in metrics)
     assert any("contrastive regularisation on" in m.get("message", "") for m in msgs if m["type"] == "log")
-    from core.modelfile import read_header
+    from core.model.modelfile import read_header
 
     recipe = read_header(res["output"])["provenance"]["recipe"]
     assert recipe["contrastive_weight"] == 0.1 and "InfoNCE" in recipe["loss"]

@@ -9,9 +9,11 @@ import pytest
 from osgeo import gdal, osr
 from PIL import Image
 
-from core.data import (IGNORE, ClassTable, TrainingImage, class_pixel_counts, dubai_class_table, isprs_class_table,
-                       load_class_table, load_dubai, load_image_mask_folder, load_mmseg_folder, load_polygon_pair,
-                       load_raster_pair, load_sources, loveda_class_table, split_by_group)
+from core.classtable import (IGNORE, ClassTable, dubai_class_table, isprs_class_table, load_class_table,
+                             loveda_class_table)
+from core.finetune.sources import (TrainingImage, class_pixel_counts, load_dubai, load_image_mask_folder,
+                                   load_mmseg_folder, load_polygon_pair, load_raster_pair, load_sources,
+                                   split_by_group)
 from core.errors import InputError
 from conftest import ATLANTA, DATA, DUBAI_CLASSES, read_band
 

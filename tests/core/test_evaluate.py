@@ -17,8 +17,10 @@ from PIL import Image
 
 from conftest import ATLANTA, DATA, read_band
 from core.errors import InputError
-from core.evaluate import (add_evaluate_arguments, confusion_csv_path, confusion_matrix, evaluate_rasters,
-                           metrics_from_confusion, run_evaluate_command)
+from core.evaluate.command import add_evaluate_arguments, run_evaluate_command
+from core.evaluate.report import confusion_csv_path
+from core.metrics import confusion_matrix, metrics_from_confusion
+from core.evaluate.job import evaluate_rasters
 from core.protocol import Reporter
 
 gdal.UseExceptions()
@@ -121,7 +123,7 @@ def assert_matches(res: dict, cm: list, names=NAMES):
 @pytest.fixture(autouse=True)
 def small_strips(monkeypatch):
     """Strips of about 50 rows, so that every test reads, warps and rasterises block by block."""
-    monkeypatch.setattr("core.evaluate._STRIP_PIXELS", 40_000)
+    monkeypatch.setattr("core.evaluate.reference._STRIP_PIXELS", 40_000)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +416,7 @@ def test_cli_function_reports_json_lines_and_a_table(tmp_path, dubai_ids):
 
 def test_model_predicts_first(tmp_path, random_model, dubai_ids):
     """--model: the PREDICTION argument is the image; the result equals segmenting it, then evaluating."""
-    from core.segment import segment_raster
+    from core.segment.job import segment_raster
 
     image = tmp_path / "image.tif"  # a 320 px crop keeps it to one window on the CPU
     gdal.Translate(str(image), str(DUBAI_IMAGE), srcWin=[200, 150, 320, 320], format="GTiff")

@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ATLANTA, DATA, ROOT, engine_env, make_random_model
-from core.data import dubai_class_table, load_dubai
+from core.classtable import dubai_class_table
+from core.finetune.sources import load_dubai
 from core.errors import Cancelled
-from core.finetune import finetune
-from core.modelfile import load_model, read_header
+from core.finetune.job import finetune
+from core.model.modelfile import load_model, read_header
 from core.protocol import Reporter
-from core.train import SampleBatcher, TrainConfig
-from core.sampling import TrainingSampler
+from core.finetune.loop import SampleBatcher
+from core.finetune.config import TrainConfig
+from core.finetune.sampler import TrainingSampler
 
 DUBAI = DATA / "dubai_hitl_aerial"
 
@@ -188,7 +190,7 @@ def test_a_time_budget_stops_early_with_the_rate_decayed(tmp_path, tiles, random
         def __getattr__(self, name):
             return getattr(real_time, name)
 
-    monkeypatch.setattr("core.train.time", Clock())
+    monkeypatch.setattr("core.finetune.loop.time", Clock())
     monkeypatch.setenv("SRMF_CACHE_DIR", str(tmp_path / "cache"))
     train, val = tiles
     stream = io.StringIO()

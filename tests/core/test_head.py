@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.network import SRMFHead, SRMFNet, architecture_config
+from core.model.network import SRMFHead, SRMFNet, architecture_config
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import ROOT, engine_env, make_random_model
 from core.errors import ModelFileError
-from core.modelfile import FORMAT, describe, load_model, read_header, save_model
+from core.model.modelfile import FORMAT, describe, load_model, read_header, save_model
 
 
 def test_round_trip_keeps_weights_header_and_text_bank(tmp_path):
@@ -155,7 +155,7 @@ def test_saved_model_is_readable_by_others_like_any_file(tmp_path):
     import os
     import stat
 
-    from core.fileutil import default_file_mode
+    from core.files import default_file_mode
 
     path = make_random_model(tmp_path / "shared.srmf", n_concepts=3, dim=8)
     assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()

@@ -15,13 +15,9 @@ import torch
 smp = pytest.importorskip("segmentation_models_pytorch")
 timm = pytest.importorskip("timm")
 
-from core.pretrained import (  # noqa: E402
-    EFFICIENTNET_LITE0_ENCODER,
-    LITE0_STAGE_REPEATS,
-    efficientnet_lite0_weights_path,
-    load_efficientnet_lite0_imagenet,
-    map_efficientnet_lite0_state_dict,
-)
+from core.model.pretrained import (EFFICIENTNET_LITE0_ENCODER, LITE0_STAGE_REPEATS,
+                                   efficientnet_lite0_weights_path, load_efficientnet_lite0_imagenet,
+                                   map_efficientnet_lite0_state_dict)
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IMAGE = DATA / "dubai_hitl_aerial" / "tile_1" / "images" / "image_part_001.jpg"

@@ -6,8 +6,8 @@ import pytest
 from osgeo import gdal
 
 from conftest import ADELAIDE, ATLANTA, OSBS
-from core.modelfile import DEFAULT_MODEL_PATH, read_header
-from core.raster import pixel_size_m, resolution_warning
+from core.model.modelfile import DEFAULT_MODEL_PATH, read_header
+from core.geo.raster import pixel_size_m, resolution_warning
 
 
 def _gsd(path):

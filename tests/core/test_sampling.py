@@ -8,10 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from core.data import IGNORE, load_dubai
+from core.classtable import IGNORE
+from core.finetune.sources import load_dubai
 from core.errors import InputError
-from core.sampling import (TrainingSampler, centred_box, context_window, mars_samples, mine_regions,
-                           resize_label, srr_crops)
+from core.finetune.sampler import TrainingSampler
+from core.finetune.srrta import centred_box, mine_regions, srr_crops
+from core.finetune.mars import context_window, mars_samples
+from core.finetune.crops import resize_label
 
 CROP = 512
 

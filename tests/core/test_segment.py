@@ -9,11 +9,11 @@ import torch
 from osgeo import gdal
 
 from conftest import ADELAIDE, ATLANTA, DUBAI_CLASSES, OSBS, REAL_GEOTIFFS, read_band
-from core.modelfile import load_model
+from core.model.modelfile import load_model
 from core.protocol import Reporter
-from core.raster import StripReader, compute_scaling, open_raster, select_bands
-from core.segment import (SlidePlan, WindowPredictor, segment_raster, slide_inference_in_memory,
-                          stream_segmentation, window_offsets)
+from core.geo.raster import StripReader, compute_scaling, open_raster, select_bands
+from core.windows import SlidePlan, WindowPredictor, slide_inference_in_memory, stream_segmentation, window_offsets
+from core.segment.job import segment_raster
 
 # (raster, window, stride): several strips each, and a raster smaller than the window (padded).
 CASES = [

@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import text as T
+from types import SimpleNamespace
+
+from core.model.text import bank, encoders, prompts
+
+T = SimpleNamespace(**{**vars(prompts), **vars(encoders), **vars(bank)})  # the text bank's three modules, as one
 
 DUBAI_CLASSES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dubai_hitl_aerial" / "classes.json"
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.network import SRMFNet
-from core.train import (confusion, iou_from_confusion, load_checkpoint, lr_factor, param_groups, save_checkpoint,
-                        time_budget_factor, tune_cpu_allocator)
+from core.model.network import SRMFNet
+from core.metrics import confusion, iou_from_confusion
+from core.finetune.checkpoint import load_checkpoint, save_checkpoint
+from core.finetune.config import lr_factor, time_budget_factor
+from core.finetune.loop import param_groups, tune_cpu_allocator
 
 
 def test_schedule_is_linear_warmup_then_poly():

@@ -1,0 +1,153 @@
+"""Reproducible training recipes on the real Dubai tiles: the embedded default model and the ablation.
+
+``python -m bench.recipes default [--output resources/models/default.srmf] [--iterations N]
+[--minutes M] [--device D]`` — ``make train-default``.
+``python -m bench.recipes ablation [--iterations N] [--device D]`` — ``make ablation``: the same budget
+four ways (plain SegFormer head with random crops, + MARS, + MARS + SRR-TA, full SRMF with the text
+bank), each evaluated on the validation tile, per-class table printed.
+
+Data: the Dubai aerial set in ``../shared/data/dubai_hitl_aerial`` (SOURCES.md, section 5), 5 classes
+(building, land, road, vegetation, water; unlabeled and black → ignore). Training tiles 1, 2, 5, 6, 7,
+8; the whole of tile 3 is held out for validation (``tile_7/image_part_008``, whose label is known to be
+incomplete, is left out of training).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+VAL_TILE = "tile_3"
+TRAIN_TILES = ["tile_1", "tile_2", "tile_5", "tile_6", "tile_7", "tile_8"]
+DUBAI_GSD_M = 0.8  # estimated in SOURCES.md (football pitch in tile_8/image_part_003)
+
+
+def default_config(**over):
+    """The default model's recipe: the paper's optimiser and schedule shape, at a CPU-sized crop.
+
+    Crop 256 px (MARS windows 512/768/1024 resized to 256) because the Dubai images are 509–2149 px:
+    at 512 the ×3/×4 context windows would nearly always be clipped to the image.
+    """
+    from core.finetune.config import TrainConfig
+
+    base = dict(iterations=3000, batch_size=8, lr=2e-4, crop=256, eval_interval=200, checkpoint_interval=50,
+                seed=0, mars=True, srr=True, srr_k=4, warmup_iterations=100, val_window=512, val_stride=341)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+def _dubai(tiles, exclude_bad=True):
+    from core.finetune.sources import load_dubai
+
+    return load_dubai(tiles, exclude_bad=exclude_bad)
+
+
+def train_default(output: Path, config, device: str = "auto", reporter=None, arch=None) -> dict:
+    """Train the embedded default model (EfficientNet-Lite0 ImageNet + MiniLM text bank) on Dubai."""
+    from core.classtable import dubai_class_table
+    from core.finetune.job import finetune
+    from core.model.modelfile import DEFAULT_INPUT
+    from core.protocol import Reporter
+
+    rep = reporter or Reporter()
+    table = dubai_class_table()
+    classes = [dict(c) for c in table.to_header()]
+    train = _dubai(TRAIN_TILES)
+    val = _dubai([VAL_TILE], exclude_bad=False)
+    arch = arch or {"backbone": "efficientnet_lite0", "text_fusion": True, "encoder_weights": "imagenet",
+                    "text_encoder": "minilm", "gsd_m": DUBAI_GSD_M}
+    base = _BaseStub({"input": DEFAULT_INPUT, "classes": classes})
+    return finetune(output, images=train, classes=classes, base_model=base, config=config, device=device,
+                    val_images=val, overwrite=True, reporter=rep, architecture=arch,
+                    data_description=[f"Dubai aerial (Humans in the Loop / MBRSC, CC0): train {', '.join(TRAIN_TILES)} "
+                                      f"({len(train)} images, tile_7/image_part_008 excluded); validation: whole {VAL_TILE}"])
+
+
+class _BaseStub:
+    """Stands in for a base model when the network is built from scratch (only the header is read)."""
+
+    def __init__(self, header):
+        self.header = header
+        self.path = Path("none")
+        self.classes = header["classes"]
+
+
+ABLATION = [
+    ("SegFormer head, random crops", dict(text_fusion=False), dict(mars=False, srr=False)),
+    ("+ MARS", dict(text_fusion=False), dict(mars=True, srr=False)),
+    ("+ MARS + SRR-TA", dict(text_fusion=False), dict(mars=True, srr=True)),
+    ("SRMF (+ text bank)", dict(text_fusion=True), dict(mars=True, srr=True)),
+]
+
+
+def ablation(iterations: int, device: str, out_dir: Path, reporter=None, minutes=None) -> list:
+    """Train the four variants at the same budget and evaluate each on the validation tile."""
+    from core.protocol import Reporter
+
+    rep = reporter or Reporter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (name, arch_over, cfg_over) in enumerate(ABLATION):
+        arch = {"backbone": "efficientnet_lite0", "encoder_weights": "imagenet", "text_encoder": "minilm",
+                "gsd_m": DUBAI_GSD_M, **arch_over}
+        config = default_config(iterations=iterations, eval_interval=max(1, iterations // 4),
+                                checkpoint_interval=max(1, iterations // 4),
+                                max_seconds=None if minutes is None else minutes * 60, **cfg_over)
+        rep.log(f"ablation {i + 1}/4: {name}")
+        res = train_default(out_dir / f"ablation_{i + 1}.srmf", config, device, rep, arch)
+        rows.append({"variant": name, "miou": res["metrics"]["miou"], "per_class_iou": res["metrics"]["per_class_iou"],
+                     "iterations": res["iterations"], "seconds": res["seconds"]})
+    return rows
+
+
+def format_ablation(rows) -> str:
+    names = list(rows[0]["per_class_iou"])
+    head = "| variant | " + " | ".join(names) + " | mIoU | iterations | time (s) |"
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for r in rows:
+        vals = " | ".join("n/a" if r["per_class_iou"][n] is None else f"{r['per_class_iou'][n]:.3f}" for n in names)
+        lines.append(f"| {r['variant']} | {vals} | {r['miou']:.3f} | {r['iterations']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from core.errors import SRMFError
+    from core.model.modelfile import DEFAULT_MODEL_PATH
+    from core.protocol import Reporter
+
+    p = argparse.ArgumentParser(prog="python -m bench.recipes")
+    sub = p.add_subparsers(dest="recipe", required=True)
+    d = sub.add_parser("default")
+    d.add_argument("--output", default=str(DEFAULT_MODEL_PATH))
+    d.add_argument("--iterations", type=int, default=3000)
+    d.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--json", action="store_true")
+    a = sub.add_parser("ablation")
+    a.add_argument("--iterations", type=int, default=300)
+    a.add_argument("--minutes", type=float, default=None, help="wall-clock budget per variant")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out-dir", default="ablation-output")
+    a.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    rep = Reporter(json_mode=args.json)
+    try:
+        if args.recipe == "default":
+            cfg = default_config(iterations=args.iterations,
+                                 max_seconds=None if args.minutes is None else args.minutes * 60)
+            res = train_default(Path(args.output), cfg, args.device, rep)
+            rep.result(res)
+        else:
+            rows = ablation(args.iterations, args.device, Path(args.out_dir), rep, args.minutes)
+            table = format_ablation(rows)
+            (Path(args.out_dir) / "ablation.json").write_text(json.dumps(rows, indent=2))
+            rep.result({"rows": rows, "table": table}, text=table)
+    except SRMFError as exc:
+        rep.error(exc, exc.exit_code)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

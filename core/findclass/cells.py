@@ -1,0 +1,345 @@
+"""Feature cells of findclass: the 4 x 4-pixel cell grid of a raster, the features of the model's head
+(fused / text-aligned embedding) per cell, sampled inside polygons or streamed over the whole raster."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+import numpy as np
+import torch
+import torch.nn.functional as F
+from core.errors import InputError
+from core.findclass.params import CELL, FEATURE_SPACES
+
+
+# -- the cell grid ---------------------------------------------------------------------------------------
+class CellGrid:
+    """The stride-4 grid of a raster: ``rows = ceil(H / 4)``, ``cols = ceil(W / 4)``; cell (r, c) covers
+    pixels [4r, 4r+4) x [4c, 4c+4), clipped to the raster; its centre is the centre of its pixels inside
+    the raster (pixel units, pixel (0, 0)'s centre at 0.0)."""
+
+    def __init__(self, height: int, width: int, cell: int = CELL):
+        self.height, self.width, self.cell = int(height), int(width), int(cell)
+        self.rows = -(-self.height // cell)
+        self.cols = -(-self.width // cell)
+        self.cy = self._centres(self.rows, self.height)
+        self.cx = self._centres(self.cols, self.width)
+
+    def _centres(self, n: int, size: int) -> np.ndarray:
+        start = np.arange(n, dtype=np.float64) * self.cell
+        end = np.minimum(start + self.cell, size)
+        return (start + end) / 2.0 - 0.5
+
+    def geotransform(self, gt: Sequence[float]) -> Tuple[float, ...]:
+        """The raster's geotransform scaled to the cell grid (same origin, pixel size × 4)."""
+        c = self.cell
+        return (gt[0], gt[1] * c, gt[2] * c, gt[3], gt[4] * c, gt[5] * c)
+
+    def block(self, x0: int, y0: int, w: int, h: int) -> Tuple[int, int, int, int]:
+        """Cells whose centre lies in pixels [x0, x0+w) x [y0, y0+h): ``(r0, r1, c0, c1)``, half-open."""
+        r0 = int(np.searchsorted(self.cy, y0, "left"))
+        r1 = int(np.searchsorted(self.cy, y0 + h, "left"))
+        c0 = int(np.searchsorted(self.cx, x0, "left"))
+        c1 = int(np.searchsorted(self.cx, x0 + w, "left"))
+        return r0, r1, c0, c1
+
+
+# -- features from the streamed windows ------------------------------------------------------------------
+class FeatureRunner:
+    """The network's stride-4 feature maps of a batch of windows.
+
+    Call: float32 (B, 3, window, window), normalised → ``{"fused": (B, 256, window/4, window/4),
+    "z": (B, C', window/4, window/4)}`` float32 on the device, where ``z`` is the clustering space:
+    ``"fused"`` (G, C' = 256), ``"embedding"`` (P, C' = D; text fusion only) or ``"both"`` (each
+    L2-normalised, concatenated and divided by √2). CUDA: bf16 (or fp16) autocast.
+
+    Raises:
+        InputError: ``features`` unknown, or ``"embedding"``/``"both"`` on a model without text fusion.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, features: str = "fused", amp: bool = True):
+        if features not in FEATURE_SPACES:
+            raise InputError(f"--features must be one of {', '.join(FEATURE_SPACES)} (got {features!r})")
+        if features != "fused" and getattr(model.head, "text_bank", None) is None:
+            raise InputError(f"--features {features}: the model has no text fusion (no text-aligned projection); "
+                             "use --features fused")
+        self.model = model.eval().to(device)
+        self.device = device
+        self.features = features
+        self.amp_dtype = None
+        if device.type == "cuda" and amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with ctx:
+            out = self.model.forward_features(batch)
+        fused = out["fused"].float()
+        if self.features == "fused":
+            z = fused
+        elif self.features == "embedding":
+            z = out["embedding"].float()
+        else:
+            z = torch.cat([F.normalize(fused, dim=1, eps=1e-6), F.normalize(out["embedding"].float(), dim=1)],
+                          dim=1) / math.sqrt(2.0)
+        return {"fused": fused, "z": z}
+
+
+def _iter_windows(read_strip, plan, runner: FeatureRunner, mean, std, batch_size: int,
+                  want: Optional[Callable] = None, prefetch: bool = True, progress=None) -> Iterator[tuple]:
+    """Windows of ``plan`` strip by strip, as :func:`core.windows.stream_segmentation` reads them.
+
+    Yields ``("window", y, valid_strip, windows, feats)`` per batch (``feats`` from ``runner``) and
+    ``("row_done", y, next_y)`` after each row of windows. ``want(window) -> bool`` skips windows.
+    Entirely-nodata windows are skipped.
+    """
+    from core.windows import _active, _batched, _window_tensor
+
+    ys = plan.ys
+    total = max(1, plan.n_windows)
+    done = 0
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    try:
+        rows_needed = [y for y in ys if want is None or any(want(w) for w in plan.row(y))]
+        needed = set(rows_needed)
+        pending = pool.submit(read_strip, rows_needed[0], plan.win_h) if pool and rows_needed else None
+        k = 0
+        for r, y in enumerate(ys):
+            next_y = ys[r + 1] if r + 1 < len(ys) else plan.height
+            row = plan.row(y)
+            if y not in needed:
+                done += len(row)
+                if progress:
+                    progress(done / total)
+                yield ("row_done", y, next_y)
+                continue
+            if pool:
+                data, valid = pending.result()
+                k += 1
+                if k < len(rows_needed):
+                    pending = pool.submit(read_strip, rows_needed[k], plan.win_h)
+            else:
+                data, valid = read_strip(y, plan.win_h)
+            active = _active(row, valid, y)
+            if want is not None:
+                active = [w for w in active if want(w)]
+            for chunk in _batched(active, batch_size):
+                feats = runner(_window_tensor(data, valid, chunk, y, plan.window, mean, std))
+                yield ("window", y, valid, chunk, feats)
+            done += len(row)
+            if progress:
+                progress(done / total)
+            yield ("row_done", y, next_y)
+            del data, valid
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sample(feat: torch.Tensor, w, cy: np.ndarray, cx: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample coordinates (align_corners=False) in a window's feature map (C, hf, wf) of pixel
+    centres ``cx`` (columns) and ``cy`` (rows) of the raster; feature i's centre is window pixel 4i + 1.5."""
+    hf, wf = feat.shape[-2:]
+    u = (np.asarray(cx, dtype=np.float64) - w.x - 1.5) / CELL
+    v = (np.asarray(cy, dtype=np.float64) - w.y - 1.5) / CELL
+    gx = torch.as_tensor((2.0 * u + 1.0) / wf - 1.0, dtype=torch.float32, device=feat.device)
+    gy = torch.as_tensor((2.0 * v + 1.0) / hf - 1.0, dtype=torch.float32, device=feat.device)
+    return gx, gy
+
+
+def _grid_block(feat: torch.Tensor, w, cy: np.ndarray, cx: np.ndarray) -> torch.Tensor:
+    """(C, hf, wf) sampled at the block of cell centres cy (n,) × cx (m,) → (C, n, m)."""
+    gx, gy = _sample(feat, w, cy, cx)
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]  # (1, n, m, 2) as (x, y)
+    return F.grid_sample(feat[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+def _grid_points(feat: torch.Tensor, w, cy: np.ndarray, cx: np.ndarray) -> torch.Tensor:
+    """(C, hf, wf) sampled at points (cy[i], cx[i]) → (n, C)."""
+    gx, gy = _sample(feat, w, cy, cx)
+    grid = torch.stack([gx, gy], dim=-1)[None, None]  # (1, 1, n, 2)
+    return F.grid_sample(feat[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
+
+
+def _valid_cells(valid: Optional[np.ndarray], y0: int, cy: np.ndarray, cx: np.ndarray) -> Optional[np.ndarray]:
+    """A cell is valid when its centre pixel is: bool (n, m) for the block cy × cx, or None (no nodata)."""
+    if valid is None:
+        return None
+    rows = np.clip(np.floor(cy).astype(np.int64) - y0, 0, valid.shape[0] - 1)
+    cols = np.clip(np.floor(cx).astype(np.int64), 0, valid.shape[1] - 1)
+    return valid[np.ix_(rows, cols)]
+
+
+def sample_cell_features(read_strip, plan, grid: CellGrid, runner: FeatureRunner, mean, std, batch_size: int,
+                         cells: np.ndarray, extra_windows: Sequence[Tuple[int, int]] = (), prefetch: bool = True,
+                         progress=None) -> dict:
+    """Features of the given cells, averaged over the windows whose area holds each cell's centre.
+
+    Args:
+        read_strip: ``(y0, rows) -> (data (n, rows, W), valid (rows, W) or None)`` (a
+            :class:`core.geo.raster.StripReader`'s ``read``, or an in-memory slice).
+        plan: :class:`core.windows.SlidePlan`; grid: the raster's :class:`CellGrid`.
+        cells: int (M, 2) cell (row, col) indices.
+        extra_windows: ``(x, y)`` offsets of further windows of ``plan`` to run for the background mean.
+
+    Returns:
+        ``{"z": float32 (M, C') mean features (not normalised), "fused": float32 (M, 256),
+        "count": int (M,) windows that saw each cell (0: none, e.g. nodata), "background_z": float32
+        (C',) mean of z over every valid cell of the windows run, "windows": n}``.
+    """
+    cells = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
+    M = len(cells)
+    pcy, pcx = grid.cy[cells[:, 0]], grid.cx[cells[:, 1]]
+    extra = {(int(x), int(y)) for x, y in extra_windows}
+
+    def inside(w):
+        return (pcy >= w.y) & (pcy < w.y + w.h) & (pcx >= w.x) & (pcx < w.x + w.w)
+
+    def want(w):
+        return (w.x, w.y) in extra or (M > 0 and bool(inside(w).any()))
+
+    sums = {}
+    count = np.zeros(M, dtype=np.int64)
+    bg_sum, bg_n, n_windows = None, 0, 0
+    for ev in _iter_windows(read_strip, plan, runner, mean, std, batch_size, want, prefetch, progress):
+        if ev[0] != "window":
+            continue
+        _, y0, valid, chunk, feats = ev
+        for i, w in enumerate(chunk):
+            n_windows += 1
+            r0, r1, c0, c1 = grid.block(w.x, w.y, w.w, w.h)
+            zb = _grid_block(feats["z"][i], w, grid.cy[r0:r1], grid.cx[c0:c1])
+            vb = _valid_cells(valid, y0, grid.cy[r0:r1], grid.cx[c0:c1])
+            flat = zb.flatten(1)
+            if vb is not None:
+                flat = flat[:, torch.from_numpy(vb.ravel()).to(flat.device)]
+            s = flat.sum(1).cpu()
+            bg_sum = s if bg_sum is None else bg_sum + s
+            bg_n += flat.shape[1]
+            sel = np.nonzero(inside(w))[0] if M else np.zeros(0, np.int64)
+            if len(sel):
+                if valid is not None:
+                    ok = valid[np.floor(pcy[sel]).astype(np.int64) - y0, np.floor(pcx[sel]).astype(np.int64)]
+                    sel = sel[ok]
+                if not len(sel):
+                    continue
+                for key in ("z", "fused"):
+                    v = _grid_points(feats[key][i], w, pcy[sel], pcx[sel]).cpu()
+                    if key not in sums:
+                        sums[key] = torch.zeros((M, v.shape[1]), dtype=torch.float32)
+                    sums[key][torch.from_numpy(sel)] += v  # sel holds distinct cells
+                count[sel] += 1
+    out = {"count": count, "windows": n_windows}
+    for key in ("z", "fused"):
+        s = sums.get(key)
+        if s is None:
+            out[key] = torch.zeros((M, 0))
+        else:
+            out[key] = s / torch.from_numpy(np.maximum(count, 1)).float()[:, None]
+    out["background_z"] = None if bg_sum is None else bg_sum / max(1, bg_n)
+    return out
+
+
+def stream_cell_maps(read_strip, plan, grid: CellGrid, runner: FeatureRunner, mean, std, batch_size: int,
+                     cell_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], channels: int,
+                     on_rows: Callable[[int, np.ndarray], None], prefetch: bool = True, progress=None) -> dict:
+    """Per-cell maps of every window, averaged over overlapping windows, handed over row by row.
+
+    For each window, its features are resampled at the centres of the cells its area holds and mapped
+    by ``cell_fn({"z": (C', n, m), "fused": (256, n, m)}) -> (channels, n, m)``; values of cells seen by
+    several windows are averaged (as segmentation averages logits). Rows of cells that no later window
+    covers go to ``on_rows(r0, maps float32 (channels, rows, cols))``, NaN where no window saw a valid
+    centre pixel. Memory: ``channels`` × (window/4 + 3) × cols floats.
+
+    Returns:
+        ``{"windows": n run, "seconds": forward-and-map time}``.
+    """
+    nb = plan.win_h // CELL + 3
+    acc = np.zeros((channels, nb, grid.cols), dtype=np.float64)
+    cnt = np.zeros((nb, grid.cols), dtype=np.float64)
+    r_first = 0
+    n_windows = 0
+    t0 = time.perf_counter()
+    for ev in _iter_windows(read_strip, plan, runner, mean, std, batch_size, None, prefetch, progress):
+        if ev[0] == "window":
+            _, y0, valid, chunk, feats = ev
+            for i, w in enumerate(chunk):
+                n_windows += 1
+                r0, r1, c0, c1 = grid.block(w.x, w.y, w.w, w.h)
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                block = {k: _grid_block(v[i], w, grid.cy[r0:r1], grid.cx[c0:c1]) for k, v in feats.items()}
+                vals = cell_fn(block).float().cpu().numpy()
+                vb = _valid_cells(valid, y0, grid.cy[r0:r1], grid.cx[c0:c1])
+                a, b = r0 - r_first, r1 - r_first
+                if a < 0 or b > nb:  # cannot happen with plan's windows; guard against misuse
+                    raise RuntimeError(f"window at y={w.y} covers cell rows {r0}..{r1} outside the buffer")
+                if vb is None:
+                    acc[:, a:b, c0:c1] += vals
+                    cnt[a:b, c0:c1] += 1.0
+                else:
+                    acc[:, a:b, c0:c1] += np.where(vb[None], vals, 0.0)
+                    cnt[a:b, c0:c1] += vb
+            continue
+        _, y, next_y = ev
+        r_done = grid.rows if next_y >= plan.height else int(np.searchsorted(grid.cy, next_y, "left"))
+        n = r_done - r_first
+        if n <= 0:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            maps = (acc[:, :n] / cnt[:n]).astype(np.float32)
+        maps[:, cnt[:n] == 0] = np.nan
+        on_rows(r_first, maps)
+        acc[:, :nb - n] = acc[:, n:].copy()
+        cnt[:nb - n] = cnt[n:].copy()
+        acc[:, nb - n:] = 0.0
+        cnt[nb - n:] = 0.0
+        r_first = r_done
+    return {"windows": n_windows, "seconds": time.perf_counter() - t0}
+
+
+def image_cell_features(image: np.ndarray, model: torch.nn.Module, mean, std, *, window: int = 512,
+                        stride: int = 341, batch_size: int = 2, device: str = "cpu", features: str = "fused",
+                        valid: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
+    """Every cell's features of an in-memory image (for the benchmark and tests; memory grows with it).
+
+    Args:
+        image: (3, H, W) in the model's value range (uint8 or float32), not normalised.
+
+    Returns:
+        ``{"z": float32 (C', rows, cols), "fused": float32 (256, rows, cols)}`` averaged over windows
+        (not normalised; NaN where no window saw a valid centre pixel).
+    """
+    from core.windows import SlidePlan, validate_window
+    from core.device import resolve_device
+
+    validate_window(window, stride)
+    H, W = image.shape[-2:]
+    plan = SlidePlan(H, W, window, stride)
+    grid = CellGrid(H, W)
+    runner = FeatureRunner(model, resolve_device(device), features)
+
+    def read_strip(y0, rows):
+        return image[:, y0:y0 + rows], None if valid is None else valid[y0:y0 + rows]
+
+    def cell_fn(block):
+        return torch.cat([block["z"], block["fused"]], 0)
+
+    cz = {"fused": model.head.channels, "embedding": None, "both": None}[features]
+    if cz is None:
+        d = model.head.text_bank.shape[1]
+        cz = d if features == "embedding" else model.head.channels + d
+    C = cz + model.head.channels
+    out = np.full((C, grid.rows, grid.cols), np.nan, dtype=np.float32)
+
+    def on_rows(r0, maps):
+        out[:, r0:r0 + maps.shape[1]] = maps
+
+    stream_cell_maps(read_strip, plan, grid, runner, mean, std, batch_size, cell_fn, C, on_rows, prefetch=False)
+    t = torch.from_numpy(out)
+    return {"z": t[:cz], "fused": t[cz:]}

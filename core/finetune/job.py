@@ -1,0 +1,303 @@
+"""The ``finetune`` command: a base model + an analyst's labelled rasters → a new ``.srmf`` model.
+
+Steps: read the base model and the class table; read the training data (raster + class raster, or
+raster + polygons + class field, or image/mask folders) through :mod:`core.data`; hold out the
+validation images by tile/raster (or, with a single raster, by a region of rows — never by random
+pixels); adapt the head to the class table (:mod:`core.classes`); train with MARS + SRR-TA
+(:mod:`core.sampling`, :mod:`core.train`); write the best model by validation mIoU, with its metrics
+and provenance, atomically to the output path. Bad input is refused before anything is written.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, TYPE_CHECKING, Tuple
+import numpy as np
+from core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def split_validation(images: Sequence, val_share: float = 0.2, val_groups: Optional[Sequence[str]] = None,
+                     seed: int = 0, crop: int = 512) -> Tuple[list, list, str]:
+    """Hold out validation data by group (tile / source raster), or by region when there is one group.
+
+    Args:
+        images: training images with ``.group``, ``.image`` (3, H, W), ``.label`` (H, W), ``.name``.
+        val_share: target share of labelled pixels held out (0 disables validation).
+        val_groups: explicit group names to hold out (overrides ``val_share``).
+
+    Returns:
+        ``(train, val, description)``.
+
+    Raises:
+        InputError: unknown ``val_groups``; a share outside [0, 0.9].
+    """
+    from core.finetune.sources import split_by_group
+
+    if not 0.0 <= val_share <= 0.9:
+        raise InputError(f"--val-share must be between 0 and 0.9 (got {val_share})")
+    if not val_groups and val_share == 0:
+        return list(images), [], "no validation"
+    groups = sorted({im.group for im in images})
+    if val_groups or len(groups) >= 2:
+        train, val = split_by_group(images, list(val_groups) if val_groups else None, val_share, seed)
+        held = sorted({im.group for im in val})
+        share = sum(int((im.label != 255).sum()) for im in val) / max(1, sum(int((im.label != 255).sum()) for im in images))
+        return train, val, f"held-out group(s): {', '.join(held)} ({share:.0%} of labelled pixels)"
+    # one group: the bottom rows of each image are the validation region
+    train, val = [], []
+    for im in images:
+        h = im.label.shape[0]
+        vh = int(round(h * val_share))
+        if vh < 32 or h - vh < 32:
+            raise InputError(f"{im.name}: {h} rows are too few to hold out {val_share:.0%} as a validation region; "
+                             "give a separate validation raster or --val-share 0")
+        train.append(replace(im, image=im.image[:, :h - vh], label=im.label[:h - vh], name=im.name + " (train rows)"))
+        val.append(replace(im, image=im.image[:, h - vh:], label=im.label[h - vh:], name=im.name + " (validation rows)"))
+    return train, val, f"held-out region: the bottom {val_share:.0%} of the rows of each raster"
+
+
+def mean_class_features(model, images: Sequence, class_ids: Sequence[int], mean, std, crop: int = 256,
+                        max_crops: int = 8, seed: int = 0) -> Dict[int, torch.Tensor]:
+    """Mean fused feature (the 256-channel map before the classifier) of each class's labelled pixels.
+
+    Crops of ``crop`` px centred on labelled pixels of each class, model in eval mode.
+
+    Returns:
+        ``{class id: float32 (256,)}`` for the classes that have labelled pixels.
+    """
+    import torch
+
+    with torch.no_grad():
+        return _mean_class_features(model, images, class_ids, mean, std, crop, max_crops, seed)
+
+
+def _mean_class_features(model, images, class_ids, mean, std, crop, max_crops, seed):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    model.eval()
+    out = {}
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    for cid in class_ids:
+        sums, n = None, 0
+        cands = [im for im in images if (im.label == cid).any()]
+        for _ in range(min(max_crops, 4 * len(cands))):
+            if not cands:
+                break
+            im = cands[int(rng.integers(len(cands)))]
+            ys, xs = np.nonzero(im.label == cid)
+            j = int(rng.integers(len(ys)))
+            H, W = im.label.shape
+            c = min(crop, (min(H, W) // 32) * 32)
+            if c < 32:
+                continue
+            y0 = int(np.clip(ys[j] - c // 2, 0, H - c))
+            x0 = int(np.clip(xs[j] - c // 2, 0, W - c))
+            x = (torch.from_numpy(np.ascontiguousarray(im.image[:, y0:y0 + c, x0:x0 + c], dtype=np.float32)) - m) / s
+            feats = model.forward_features(x[None].to(next(model.parameters()).device))["fused"][0]
+            lab = torch.from_numpy(np.ascontiguousarray(im.label[y0:y0 + c:4, x0:x0 + c:4]))
+            sel = (lab == cid).to(feats.device)
+            if sel.any():
+                f = feats[:, sel].sum(1).cpu()
+                sums = f if sums is None else sums + f
+                n += int(sel.sum())
+        if n:
+            out[cid] = sums / n
+    return out
+
+
+def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=None, config=None,
+             device: str = "auto", val_share: float = 0.2, val_groups: Optional[Sequence[str]] = None,
+             val_images: Optional[Sequence] = None, overwrite: bool = False, resume: bool = False,
+             reporter=None, data_description: Optional[List[str]] = None, stop_after: Optional[int] = None,
+             keep_work_dir: bool = False, text_encoder=None, architecture: Optional[dict] = None) -> dict:
+    """Fine-tune a base model on labelled images and write the best model by validation mIoU.
+
+    Args:
+        output: the ``.srmf`` file to write. images: :class:`core.finetune.sources.TrainingImage` list (labels hold
+            class ids 0..K-1 of ``classes``, 255 = ignore). classes: the class table (``name``,
+            ``colour``, ``prompt``, optional ``from``).
+        base_model: path or :class:`~core.model.modelfile.LoadedModel` (default: the embedded model).
+        config: :class:`core.finetune.config.TrainConfig`. device: auto/cpu/cuda/cuda:N.
+        val_share / val_groups / val_images: how validation data is held out (see :func:`split_validation`).
+        resume: continue a killed run from its checkpoint (in ``OUTPUT.work/``).
+        architecture: build a fresh network instead of adapting the base model's head — a dict
+            ``{"backbone", "text_fusion", "encoder_weights"}`` (used by the ablation and the default model).
+
+    Returns:
+        The result dict (output path, metrics, classes, iterations, seconds, ...).
+
+    Raises:
+        InputError: bad input, before anything is written.
+    """
+    from core.model.adapt import adapt_classes
+    from core.classtable import normalise_class_table
+    from core.model.modelfile import DEFAULT_MODEL_PATH, load_model, save_model
+    from core.protocol import Reporter
+    from core.geo.raster import check_output_path
+    from core.finetune.sampler import TrainingSampler
+    from core.device import resolve_device
+    from core.finetune.loop import SampleBatcher, train_loop
+    from core.finetune.config import TrainConfig
+    from core.finetune.distributed import init_distributed
+
+    rep = reporter or Reporter()
+    config = config or TrainConfig()
+    if config.iterations < 1:
+        raise InputError(f"--iterations must be at least 1 (got {config.iterations})")
+    if config.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {config.batch_size})")
+    if config.lr <= 0:
+        raise InputError(f"--lr must be positive (got {config.lr})")
+    if not config.contrastive_weight >= 0:
+        raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {config.contrastive_weight})")
+    if not config.contrastive_temperature > 0:
+        raise InputError(f"--contrastive-temperature must be positive (got {config.contrastive_temperature})")
+    if config.contrastive_weight > 0 and config.contrastive_anchors < 2:
+        raise InputError(f"contrastive anchors per class must be at least 2 (got {config.contrastive_anchors})")
+    out = Path(output)
+    if out.suffix.lower() != ".srmf":
+        raise InputError(f"The output model {out} must end in .srmf")
+    dev = resolve_device(device)
+    dist_info = init_distributed(dev)
+    if not resume:
+        check_output_path(out, overwrite, "output model")
+    classes = normalise_class_table(classes)
+    if not images:
+        raise InputError("No training data: give at least one labelled raster")
+    labelled = sum(int((im.label != 255).sum()) for im in images)
+    if labelled == 0:
+        raise InputError("The labels hold no labelled pixel (all are nodata/ignore)")
+    # a LoadedModel, or (for a network built from scratch) any object with the base ``header``
+    lm = base_model if hasattr(base_model, "header") else load_model(base_model or DEFAULT_MODEL_PATH)
+    header = lm.header
+    if val_images is not None:
+        train_imgs, val_imgs, split_note = list(images), list(val_images), "separate validation rasters"
+    else:
+        train_imgs, val_imgs, split_note = split_validation(images, val_share, val_groups, config.seed, config.crop)
+    rep.log(f"training on {len(train_imgs)} image(s), validating on {len(val_imgs)} ({split_note})")
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for im in train_imgs:
+        counts += np.bincount(im.label[im.label != 255].ravel(), minlength=len(classes))[:len(classes)]
+    rep.log("training pixels per class: " + ", ".join(f"{c['name']} {int(n)}" for c, n in zip(classes, counts)))
+    absent = [c["name"] for c, n in zip(classes, counts) if n == 0]
+    if absent:
+        rep.warning(f"no training pixels for class(es) {', '.join(absent)}: the model cannot learn them")
+
+    mean, std = header["input"]["mean"], header["input"]["std"]
+    if architecture is not None:
+        import torch
+
+        torch.manual_seed(config.seed)  # the fresh head's initialisation is part of the recipe
+        model, new_header = _fresh_model(architecture, classes, header, text_encoder)
+        report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
+    else:
+        base_ids = {str(c["name"]).lower() for c in lm.classes}
+        new_names = [c for c in classes if c.get("from") is None and c["name"].lower() not in base_ids]
+        init = {}
+        if new_names:
+            # the base model's fused features equal the adapted model's (new fusion inputs start at zero)
+            feats = mean_class_features(lm.model, train_imgs, [int(c["id"]) for c in new_names], mean, std, seed=config.seed)
+            init = {c["name"]: feats[int(c["id"])] for c in new_names if int(c["id"]) in feats}
+        model, new_header, report = adapt_classes(lm.model, header, classes, text_encoder=text_encoder,
+                                                  init_features=init)
+    for k in ("kept", "renamed", "dropped", "added"):
+        if report[k]:
+            rep.log(f"classes {k}: {', '.join(report[k])}")
+
+    sampler = SampleBatcher(TrainingSampler(train_imgs, len(classes), crop=config.crop, seed=config.seed,
+                                            mars=config.mars, srr=config.srr, srr_k=config.srr_k,
+                                            cache_dir=region_cache_dir()))
+    work = out.with_name(out.name + ".work")
+    best_path = work / "best.srmf"
+    names = [c["name"] for c in classes]
+    t_start = _dt.datetime.now(_dt.timezone.utc)
+    base_name = str(getattr(lm, "path", "base model"))
+
+    def provenance(metrics: dict) -> dict:
+        return {
+            "untrained": False,
+            "base_model": None if architecture is not None else Path(base_name).name,
+            "architecture_from_scratch": architecture,
+            "training_data": list(data_description or [im.name for im in images]),
+            "validation": split_note,
+            "validation_images": [im.name for im in val_imgs],
+            "recipe": {**asdict(config), "warmup": config.warmup(), "optimizer": "AdamW",
+                       "schedule": "linear warm-up then poly(1.0)",
+                       "loss": "cross-entropy, ignore 255" + (
+                           f" + {config.contrastive_weight} x class-balanced InfoNCE on the fused features "
+                           f"(temperature {config.contrastive_temperature})" if config.contrastive_weight > 0 else "")},
+            "device": str(dev), "world_size": dist_info.world_size,
+            "started": t_start.isoformat(timespec="seconds"),
+            "best_iteration": metrics.get("iteration"),
+            "class_changes": report,
+            "training_pixels_per_class": {n: int(v) for n, v in zip(names, counts)},
+        }
+
+    def on_best(m, metrics: dict) -> None:
+        h = dict(new_header)
+        h["metrics"] = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+        if "confusion_matrix" in metrics:
+            h["metrics"]["validation_confusion_matrix"] = metrics["confusion_matrix"]
+        h["provenance"] = provenance(metrics)
+        window, stride = config.inference_window()
+        h["inference"] = {"window": window, "stride": stride}
+        h.pop("format", None)
+        h.pop("format_version", None)
+        save_model(best_path, m, h)
+
+    import torch
+
+    torch.manual_seed(config.seed)
+    result = train_loop(model, names, sampler, val_imgs, config, mean, std, dev, work, on_best, reporter=rep,
+                        resume=resume, dist_info=dist_info, stop_after=stop_after)
+    payload = {"iterations": result.iterations, "best_iteration": result.best_iteration,
+               "metrics": {"miou": result.best_miou, "per_class_iou": result.per_class_iou},
+               "classes": [{k: c[k] for k in ("id", "name", "colour", "prompt")} for c in classes],
+               "class_changes": report, "first_loss": result.first_loss, "last_loss": result.last_loss,
+               "seconds": round(result.seconds, 1), "device": str(dev), "validation": split_note}
+    if dist_info.is_main:
+        if not best_path.exists():
+            raise InputError("training produced no model (no validation improvement was recorded)")
+        os.replace(best_path, out)
+        if not keep_work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        payload["output"] = str(out)
+    return payload
+
+
+def region_cache_dir() -> Path:
+    """Where SRR-TA's mined regions are cached: ``$SRMF_CACHE_DIR/regions`` or ``~/.cache/srmf/regions``."""
+    root = os.environ.get("SRMF_CACHE_DIR")
+    return Path(root) / "regions" if root else Path.home() / ".cache" / "srmf" / "regions"
+
+
+def _fresh_model(arch: dict, classes: Sequence[dict], base_header: dict, text_encoder=None):
+    """A new network (backbone with pretrained weights) for ``classes``, optionally with a text bank."""
+    from core.model.network import SRMFNet, architecture_config
+    from core.model.text.bank import build_text_bank
+    from core.model.text.encoders import get_text_encoder
+    from core.model.text.prompts import load_vocabulary, prompts_for
+
+    bank, te, bank_info = None, None, None
+    if arch.get("text_fusion", True):
+        enc = text_encoder or get_text_encoder(arch.get("text_encoder", "minilm"))
+        concepts = load_vocabulary()
+        prompts = prompts_for(concepts)
+        extra = [c["prompt"] for c in classes if c["prompt"] not in prompts]
+        bank = build_text_bank(prompts + extra, enc)
+        te = {"id": enc.encoder_id, "dim": int(bank.shape[1])}
+        bank_info = {"concepts": concepts + [None] * len(extra), "prompts": prompts + extra}
+    model = SRMFNet(arch["backbone"], len(classes), text_bank=bank, encoder_weights=arch.get("encoder_weights", "imagenet"))
+    header = {"architecture": architecture_config(model),
+              "classes": [{k: c[k] for k in ("id", "name", "colour", "prompt")} for c in classes],
+              "text_encoder": te, "text_bank": bank_info, "input": base_header["input"],
+              "gsd_m": arch.get("gsd_m")}
+    return model, header

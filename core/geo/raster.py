@@ -1,0 +1,365 @@
+"""Raster input and output with GDAL: band selection, value scaling, nodata, class-raster writing.
+
+Reading: strips of rows (all columns, the selected bands) as float32, with a validity mask built from
+the raster's nodata values or mask bands. Writing: a tiled, DEFLATE-compressed GeoTIFF with the input's
+CRS and geotransform, written to a temporary file beside the target and renamed when complete.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+import numpy as np
+from osgeo import gdal
+from core.errors import InputError
+from core.files import check_writable_folder, discard, partial_path, publish
+gdal.UseExceptions()
+
+NODATA_CLASS = 255
+_COLOUR_INTERP = {"red": gdal.GCI_RedBand, "green": gdal.GCI_GreenBand, "blue": gdal.GCI_BlueBand}
+
+
+def open_raster(path) -> gdal.Dataset:
+    """Open a raster for reading.
+
+    Raises:
+        InputError: the file does not exist, or GDAL cannot read it as a raster.
+    """
+    p = str(path)
+    if not p.startswith("/vsi") and not os.path.exists(p):
+        raise InputError(f"Input raster not found: {p}")
+    try:
+        ds = gdal.Open(p, gdal.GA_ReadOnly)
+    except RuntimeError as exc:
+        raise InputError(f"{p} is not a raster GDAL can read ({exc})") from exc
+    if ds is None or ds.RasterCount < 1:
+        raise InputError(f"{p} is not a raster GDAL can read (no raster bands)")
+    return ds
+
+
+def parse_bands(text: Optional[str]) -> Optional[List[int]]:
+    """Parse ``--bands`` ("1,2,3", 1-based). Raises InputError on a malformed list."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        bands = [int(b) for b in str(text).replace(" ", "").split(",") if b != ""]
+    except ValueError as exc:
+        raise InputError(f"--bands must be a comma-separated list of 1-based band numbers, got {text!r}") from exc
+    if not bands:
+        raise InputError(f"--bands is empty: {text!r}")
+    return bands
+
+
+def select_bands(ds: gdal.Dataset, path, bands: Optional[Sequence[int]], model_bands: Sequence[str]) -> List[int]:
+    """The 1-based raster bands that feed the model's input channels, in the model's band order.
+
+    Rules: explicit ``bands`` are checked and used (one band is replicated to every channel); without
+    them a 1-band raster is replicated, a raster whose colour interpretation names the model's bands
+    (red, green, blue) is read in that order, otherwise bands 1..n are used.
+
+    Raises:
+        InputError: a band number outside 1..band count, a wrong number of bands, or a 2-band raster
+            with no ``bands`` given.
+    """
+    n_in = len(model_bands)
+    count = ds.RasterCount
+    if bands is not None:
+        for b in bands:
+            if b < 1 or b > count:
+                raise InputError(f"--bands: band {b} does not exist in {path} (it has {count} band"
+                                 f"{'s' if count != 1 else ''})")
+        if len(bands) == 1:
+            return list(bands) * n_in
+        if len(bands) != n_in:
+            raise InputError(f"--bands: the model reads {n_in} bands ({', '.join(model_bands)}), "
+                             f"got {len(bands)}: {','.join(map(str, bands))}")
+        return list(bands)
+    if count == 1:
+        return [1] * n_in
+    if count < n_in:
+        raise InputError(f"{path} has {count} bands but the model reads {n_in} ({', '.join(model_bands)}); "
+                         "choose them with --bands (one band is replicated)")
+    interp = {ds.GetRasterBand(i).GetColorInterpretation(): i for i in range(1, count + 1)}
+    wanted = [_COLOUR_INTERP.get(name.lower()) for name in model_bands]
+    if all(w is not None and w in interp for w in wanted):
+        return [interp[w] for w in wanted]
+    return list(range(1, n_in + 1))
+
+
+@dataclass
+class BandScaling:
+    """Linear map of raw band values onto the model's value range: ``(x - low) / (high - low)``.
+
+    uint8 rasters map identically (low = 0, high = 255 onto 0..255).
+    """
+
+    low: np.ndarray  # float64 (n_bands,)
+    high: np.ndarray  # float64 (n_bands,)
+    out_low: float = 0.0
+    out_high: float = 255.0
+    identity: bool = True
+    notes: List[str] = field(default_factory=list)
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        """float32 (n_bands, rows, cols) raw → float32 in [out_low, out_high] (saturating)."""
+        if self.identity:
+            return data
+        lo = self.low.astype(np.float32)[:, None, None]
+        span = np.maximum(self.high - self.low, 1e-12).astype(np.float32)[:, None, None]
+        out = (data - lo) / span * np.float32(self.out_high - self.out_low) + np.float32(self.out_low)
+        return np.clip(out, self.out_low, self.out_high, out=out)
+
+
+def compute_scaling(ds: gdal.Dataset, bands: Sequence[int], scaling_rule: dict,
+                    value_range: Sequence[float]) -> BandScaling:
+    """The value scaling for the selected bands, following the model file's ``input.scaling`` rule.
+
+    uint8 bands are used as they are when the model's range is 0..255. Other data types: the per-band
+    ``low_percentile``..``high_percentile`` (default 2..98 %) of the valid pixels, computed once on a
+    read decimated to at most ``sample_size`` pixels a side (GDAL uses the overviews when there are
+    some), are mapped onto ``value_range``; values beyond saturate, and the share that does is reported
+    in ``notes`` — never a silent clip.
+
+    Raises:
+        InputError: a band has no valid pixel.
+    """
+    out_lo, out_hi = float(value_range[0]), float(value_range[1])
+    dtypes = {ds.GetRasterBand(b).DataType for b in bands}
+    if dtypes == {gdal.GDT_Byte} and (out_lo, out_hi) == (0.0, 255.0):
+        n = len(bands)
+        return BandScaling(np.zeros(n), np.full(n, 255.0), out_lo, out_hi, True, [])
+    lo_p = float(scaling_rule.get("low_percentile", 2.0))
+    hi_p = float(scaling_rule.get("high_percentile", 98.0))
+    side = int(scaling_rule.get("sample_size", 1024))
+    w, h = ds.RasterXSize, ds.RasterYSize
+    f = max(1.0, max(w, h) / side)
+    bw, bh = max(1, int(round(w / f))), max(1, int(round(h / f)))
+    lows, highs, notes = [], [], []
+    cache = {}
+    for b in bands:
+        if b in cache:
+            lows.append(cache[b][0]); highs.append(cache[b][1])
+            continue
+        band = ds.GetRasterBand(b)
+        arr = band.ReadAsArray(0, 0, w, h, buf_xsize=bw, buf_ysize=bh).astype(np.float64)
+        valid = _valid_mask_for_band(band, 0, 0, w, h, bw, bh, arr)
+        vals = arr[valid & np.isfinite(arr)]
+        if vals.size == 0:
+            raise InputError(f"{ds.GetDescription()}: band {b} has no valid (non-nodata) pixel")
+        lo, hi = np.percentile(vals, [lo_p, hi_p])
+        if hi <= lo:
+            hi = lo + 1.0
+        below = float((vals < lo).mean() * 100.0)
+        above = float((vals > hi).mean() * 100.0)
+        dtype_name = gdal.GetDataTypeName(band.DataType)
+        notes.append(f"band {b} ({dtype_name}): {lo_p:g}-{hi_p:g} % percentiles {lo:.6g}..{hi:.6g} mapped to "
+                     f"{out_lo:g}..{out_hi:g}; {below:.1f} % of pixels saturate low, {above:.1f} % high")
+        cache[b] = (lo, hi)
+        lows.append(lo); highs.append(hi)
+    return BandScaling(np.array(lows), np.array(highs), out_lo, out_hi, False, notes)
+
+
+def _valid_mask_for_band(band, x, y, w, h, bw, bh, data=None) -> np.ndarray:
+    flags = band.GetMaskFlags()
+    if flags & gdal.GMF_ALL_VALID:
+        return np.ones((bh, bw), dtype=bool)
+    if flags & gdal.GMF_NODATA and data is not None:
+        nd = band.GetNoDataValue()
+        if nd is not None and np.isnan(nd):
+            return ~np.isnan(data)
+        return data != nd
+    m = band.GetMaskBand().ReadAsArray(x, y, w, h, buf_xsize=bw, buf_ysize=bh)
+    return m > 0
+
+
+def has_nodata(ds: gdal.Dataset, bands: Sequence[int]) -> bool:
+    """True when any selected band has a nodata value, a mask band or an alpha band."""
+    return any(not (ds.GetRasterBand(b).GetMaskFlags() & gdal.GMF_ALL_VALID) for b in set(bands))
+
+
+class StripReader:
+    """Reads strips of rows of the selected bands as scaled float32 plus a validity mask.
+
+    A pixel is nodata when it is nodata (nodata value, mask band or alpha) in every selected band —
+    GDAL's convention for multi-band nodata (as gdalwarp's UNIFIED_SRC_NODATA): one saturated band of
+    an otherwise valid pixel does not erase it.
+    """
+
+    def __init__(self, ds: gdal.Dataset, bands: Sequence[int], scaling: BandScaling):
+        self.ds = ds
+        self.bands = list(bands)
+        self.unique = sorted(set(self.bands))
+        self.scaling = scaling
+        self.masked = has_nodata(ds, self.bands)
+        self.width = ds.RasterXSize
+        self.height = ds.RasterYSize
+
+    def read(self, y0: int, rows: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Rows ``y0 .. y0+rows`` (clipped to the raster) of every column.
+
+        Returns:
+            ``(data, valid)``: data (n_bands, rows, width) in the model's value range — the raster's own
+            type (uint8) when no scaling applies, else float32 (4 times smaller strips for uint8); valid
+            bool (rows, width), or ``None`` when the raster has no nodata at all.
+        """
+        rows = min(rows, self.height - y0)
+        raw = {}
+        valid = None
+        for b in self.unique:
+            band = self.ds.GetRasterBand(b)
+            arr = band.ReadAsArray(0, y0, self.width, rows)
+            if self.masked:
+                v = _valid_mask_for_band(band, 0, y0, self.width, rows, self.width, rows, arr)
+                valid = v if valid is None else (valid | v)
+            raw[b] = arr
+        data = np.stack([raw[b] for b in self.bands])
+        if not self.scaling.identity:
+            data = self.scaling.apply(data.astype(np.float32))
+        return data, valid
+
+
+# -- output ---------------------------------------------------------------------------------------
+GTIFF_OPTIONS = ["TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
+
+
+def check_output_path(path, overwrite: bool, what: str = "output") -> Path:
+    """Check that ``path`` can be written before any work starts.
+
+    Raises:
+        InputError: the folder does not exist or is not writable; the file exists and ``overwrite``
+            is false; the path is a folder.
+    """
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InputError(f"The {what} path {p} is a folder; give a file name such as {p / 'classes.tif'}")
+    if not folder.is_dir():
+        raise InputError(f"The {what} folder {folder} does not exist")
+    try:  # a real probe: os.access() says yes to root even on read-only file systems
+        check_writable_folder(folder)
+    except OSError as exc:
+        raise InputError(f"The {what} folder {folder} is not writable ({exc.strerror})") from exc
+    if p.exists() and not overwrite:
+        raise InputError(f"The {what} file {p} exists; pass --overwrite to replace it")
+    return p
+
+
+def pixel_size_m(ds) -> Optional[float]:
+    """The ground size of a pixel in metres (square root of the pixel area), or None when the raster
+    has no geotransform or a geographic / unknown CRS (degrees are not metres).
+
+    Args:
+        ds: a GDAL dataset. Returns: metres (float) or None.
+    """
+    gt = ds.GetGeoTransform(can_return_null=True)
+    srs = ds.GetSpatialRef()
+    if gt is None or srs is None or srs.IsGeographic() or not srs.IsProjected():
+        return None
+    area = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
+    return float(area ** 0.5) if area > 0 else None
+
+
+def resolution_warning(raster_gsd_m: Optional[float], model_gsd_m: Optional[float], factor: float = 2.0) -> Optional[str]:
+    """A warning when the raster's pixels are more than ``factor`` times finer or coarser than the
+    model's training ground sample distance (both in metres); None when either is unknown or they match.
+
+    Objects then appear at a scale the model never saw (a 10 cm forest scene to a 0.8 m model: tree
+    crowns the size of building blocks); the message says what to do.
+    """
+    if not raster_gsd_m or not model_gsd_m:
+        return None
+    ratio = raster_gsd_m / model_gsd_m
+    if 1.0 / factor <= ratio <= factor:
+        return None
+    finer = ratio < 1.0
+    return (f"the raster's pixels are {raster_gsd_m:.2f} m, the model was trained at {model_gsd_m:.2f} m "
+            f"({(1 / ratio if finer else ratio):.1f}x {'finer' if finer else 'coarser'}): objects appear at a scale "
+            f"it has not seen, expect poor classes. Resample the raster to about {model_gsd_m:g} m "
+            f"(gdal_translate -tr / Raster > Align rasters) or fine-tune the model on imagery like it.")
+
+
+def crs_label(srs) -> Optional[str]:
+    """``AUTHORITY:CODE`` of a spatial reference when it has or can be given one, else its WKT; None."""
+    if srs is None:
+        return None
+    s = srs.Clone()
+    if not s.GetAuthorityCode(None):
+        try:
+            s.AutoIdentifyEPSG()
+        except RuntimeError:
+            pass
+    code = s.GetAuthorityCode(None)
+    return f"{s.GetAuthorityName(None)}:{code}" if code else srs.ExportToWkt()
+
+
+def hex_to_rgb(colour: str) -> Tuple[int, int, int]:
+    c = colour.lstrip("#")
+    if len(c) != 6:
+        raise ValueError(f"colour must be #RRGGBB, got {colour!r}")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+class AtomicGeoTIFF:
+    """A GeoTIFF written to a temporary file beside ``path`` and renamed onto it by :meth:`commit`.
+
+    Until :meth:`commit`, nothing exists under the target name; :meth:`discard` (or leaving a ``with``
+    block by an exception) removes the temporary file and its sidecars.
+    """
+
+    def __init__(self, path, like: gdal.Dataset, bands: int, dtype=gdal.GDT_Byte, options=GTIFF_OPTIONS):
+        self.path = Path(path)
+        tmp = str(partial_path(self.path.with_suffix(".tif")))
+        self.tmp = tmp
+        driver = gdal.GetDriverByName("GTiff")
+        self.ds = driver.Create(tmp, like.RasterXSize, like.RasterYSize, bands, dtype, list(options))
+        gt = like.GetGeoTransform(can_return_null=True)
+        if gt is not None:
+            self.ds.SetGeoTransform(gt)
+        srs = like.GetSpatialRef()
+        if srs is not None:
+            self.ds.SetSpatialRef(srs)
+        if like.GetGCPCount():
+            self.ds.SetGCPs(like.GetGCPs(), like.GetGCPSpatialRef())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.discard()
+        return False
+
+    def band(self, i: int = 1):
+        return self.ds.GetRasterBand(i)
+
+    def commit(self) -> Path:
+        self.ds.FlushCache()
+        self.ds = None
+        publish(self.tmp, self.path)
+        aux = self.tmp + ".aux.xml"
+        if os.path.exists(aux):
+            os.replace(aux, str(self.path) + ".aux.xml")
+        elif os.path.exists(str(self.path) + ".aux.xml"):
+            os.unlink(str(self.path) + ".aux.xml")  # a stale sidecar of a replaced file
+        return self.path
+
+    def discard(self) -> None:
+        self.ds = None
+        discard(self.tmp)
+
+
+def style_class_band(band, classes: Sequence[dict]) -> None:
+    """Colour table, category names, nodata 255 and a description on a class-raster band."""
+    ct = gdal.ColorTable()
+    names = [""] * (max(int(c["id"]) for c in classes) + 1)
+    for c in classes:
+        r, g, b = hex_to_rgb(c.get("colour") or "#808080")
+        ct.SetColorEntry(int(c["id"]), (r, g, b, 255))
+        names[int(c["id"])] = str(c["name"])
+    ct.SetColorEntry(NODATA_CLASS, (0, 0, 0, 0))
+    band.SetColorTable(ct)
+    band.SetColorInterpretation(gdal.GCI_PaletteIndex)
+    band.SetCategoryNames(names)
+    band.SetNoDataValue(NODATA_CLASS)
+    band.SetDescription("class")

@@ -1,0 +1,47 @@
+"""``python -m core segment``: its arguments and its report (torch-free until the job runs)."""
+from __future__ import annotations
+
+from core.protocol import Reporter
+
+HELP = "segment a raster into a class raster"
+
+
+def add_segment_arguments(seg) -> None:
+    """Arguments of ``python -m core segment INPUT OUTPUT``."""
+    from core.cli import int_arg
+
+    seg.add_argument("input", help="input raster (any format GDAL reads)")
+    seg.add_argument("output", help="output class raster (GeoTIFF, uint8, 255 = nodata)")
+    seg.add_argument("--model", default=None, help="model file (default: the embedded default model)")
+    seg.add_argument("--window", type=int_arg("--window"), default=None, help="window (tile) size in pixels (default: the model's, 512)")
+    seg.add_argument("--stride", type=int_arg("--stride"), default=None, help="stride in pixels (default: the model's, 341)")
+    seg.add_argument("--batch-size", type=int_arg("--batch-size"), default=None, help="windows per forward pass")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    seg.add_argument("--bands", default=None, help="1-based input bands in the model's order, e.g. 3,2,1; one band is replicated")
+    seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
+
+
+def run_segment_command(args, rep: Reporter) -> dict:
+    """Segment ``args.input`` into ``args.output`` (:func:`core.segment.job.segment_raster`) and report it."""
+    from core.geo.raster import parse_bands
+    from core.segment.job import segment_raster
+
+    result = segment_raster(args.input, args.output, args.model, window=args.window, stride=args.stride,
+                            batch_size=args.batch_size, device=args.device, bands=parse_bands(args.bands),
+                            probabilities=args.probabilities, overwrite=args.overwrite, reporter=rep)
+    lines = [f"Wrote {result['output']} ({result['width']} x {result['height']} px, {result['crs'] or 'no CRS'}) "
+             f"in {result['seconds']:.1f} s ({result['megapixels_per_second']:.2f} MP/s on {result['device']})"]
+    if result["probabilities"]:
+        lines.append(f"Wrote {result['probabilities']} (per-class probability x 250)")
+    lines.append(f"{'class':<20s} {'pixels':>12s} {'area (ha)':>12s}")
+    for a in result["class_areas"]:
+        ha = "" if a["area_ha"] is None else f"{a['area_ha']:.4f}"
+        lines.append(f"{a['name']:<20s} {a['pixels']:>12d} {ha:>12s}")
+    if result["area_note"]:
+        lines.append("Note: " + result["area_note"])
+    if result["untrained_model"]:
+        lines.append("WARNING: the model is an UNTRAINED PLACEHOLDER; the classes are not meaningful.")
+    rep.result(result, text="\n".join(lines))
+    return result

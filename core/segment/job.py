@@ -1,0 +1,176 @@
+"""Streaming sliding-window segmentation of rasters of any size (SRMF inference).
+
+SRMF's inference (mmsegmentation ``slide_inference``): windows of ``window`` pixels on a grid of step
+``stride`` (the last row and column shifted so they end at the raster's border), logits of each
+window upsampled bilinearly to the window, summed over overlaps and divided by the number of windows
+that cover each pixel, then argmax. Here the raster is read strip by strip (one strip = the rows of one
+row of windows): only the ``window`` rows in flight are held (logit accumulator K × window × width on
+the compute device), finished rows are written at once. Memory is bounded by the strip, not the raster.
+
+Nodata: a pixel that is nodata in every selected band is nodata (255) in the output; its input value
+is replaced by the model's mean (0 after normalisation) so it adds nothing to its neighbours; windows
+that are entirely nodata are skipped.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+import numpy as np
+import torch
+from core.errors import InputError
+from core.device import DEFAULT_BATCH, resolve_device
+from core.windows import RowBlock, SlidePlan, WindowPredictor, load_job_model, stream_segmentation, validate_window
+GDAL_CACHE_BYTES = 64 * 1024 * 1024  # a row of 256-px output tiles at 16k width is 4 MiB per band
+PROBABILITY_SCALE = 250  # uint8 probability = round(p * 250); 255 = nodata; GDAL scale 1/250
+
+
+def class_areas(ds, counts: np.ndarray, classes: Sequence[dict]) -> Tuple[List[dict], Optional[str]]:
+    """Per-class pixel counts and areas (m², ha) from the geotransform and CRS.
+
+    Returns:
+        ``(rows, note)``: one row per class ``{id, name, pixels, area_m2, area_ha}`` (areas ``None``
+        when the CRS is geographic or missing, with ``note`` saying why).
+    """
+    gt = ds.GetGeoTransform(can_return_null=True)
+    srs = ds.GetSpatialRef()
+    pixel_m2, note = None, None
+    if gt is None or srs is None:
+        note = "the raster has no CRS/geotransform: areas are given in pixels only"
+    elif srs.IsGeographic():
+        note = ("the raster's CRS is geographic (degrees): areas in m² would be wrong, so they are left "
+                "out; reproject to a projected CRS for areas")
+    else:
+        pixel_m2 = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
+    rows = []
+    for c in classes:
+        n = int(counts[int(c["id"])])
+        a = None if pixel_m2 is None else n * pixel_m2
+        rows.append({"id": int(c["id"]), "name": c["name"], "pixels": n,
+                     "area_m2": a, "area_ha": None if a is None else a / 1e4})
+    return rows, note
+
+
+def segment_raster(input_path, output_path, model=None, *, window: Optional[int] = None,
+                   stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
+                   bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
+                   reporter=None, prefetch: bool = True) -> dict:
+    """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
+
+    Args:
+        input_path: any raster GDAL reads. output_path: the class GeoTIFF to write (uint8, 255 nodata).
+        model: a ``.srmf`` path or a :class:`~core.model.modelfile.LoadedModel`; ``None`` = the embedded default.
+        window, stride: pixels (default: the model's, 512 and 341). batch_size: windows per forward.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. bands: 1-based input bands in the model's order.
+        probabilities: optional path of a per-class probability GeoTIFF (uint8, p·250, nodata 255).
+        overwrite: replace existing outputs. reporter: a :class:`~core.protocol.Reporter`.
+
+    Returns:
+        A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
+
+    Raises:
+        InputError / ModelFileError: bad input, named; nothing is left under the output names.
+    """
+    from osgeo import gdal
+
+    from core.protocol import Reporter
+    from core.geo.raster import (AtomicGeoTIFF, StripReader, check_output_path, compute_scaling, crs_label,
+                                 open_raster, pixel_size_m, resolution_warning, select_bands, style_class_band)
+
+    rep = reporter or Reporter(json_mode=False)
+    t_start = time.perf_counter()
+    # Finished rows are written as they come; a small block cache keeps GDAL from holding the whole
+    # output raster in memory until the end (its default is 5 % of RAM).
+    if gdal.GetCacheMax() > GDAL_CACHE_BYTES:
+        gdal.SetCacheMax(GDAL_CACHE_BYTES)
+    # Parameters first: a wrong value fails at once, before the model or the raster is opened.
+    if window is not None or stride is not None:
+        validate_window(window if window is not None else 512,
+                        stride if stride is not None else min(341, window or 341))
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    out = check_output_path(output_path, overwrite)
+    prob = check_output_path(probabilities, overwrite, "probabilities") if probabilities else None
+    if Path(input_path).resolve() in {out.resolve(), prob.resolve() if prob else None}:
+        raise InputError(f"The output {output_path} would overwrite the input raster")
+    if prob is not None and prob.resolve() == out.resolve():
+        raise InputError("--probabilities must differ from the output path")
+    ds = open_raster(input_path)
+    dev = resolve_device(device)
+    lm, window, stride = load_job_model(model, window, stride, rep,
+                                        "its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
+    header = lm.header
+    inp = header["input"]
+    band_list = select_bands(ds, input_path, bands, inp["bands"])
+    scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
+    for note in scaling.notes:
+        rep.log("scaling: " + note)
+    gsd_note = resolution_warning(pixel_size_m(ds), header.get("gsd_m"))
+    if gsd_note:
+        rep.log(gsd_note, "warning")
+    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
+    reader = StripReader(ds, band_list, scaling)
+    plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
+    classes = lm.classes
+    K = lm.num_classes
+    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {band_list}, "
+            f"{plan.n_windows} windows of {window} px (stride {stride}), model {lm.path.name} "
+            f"({header['architecture']['backbone']}, {K} classes) on {dev}"
+            + (f", nodata masked" if reader.masked else ""))
+    predictor = WindowPredictor(lm.model, dev)
+    counts = np.zeros(256, dtype=np.int64)
+    outputs = []
+    try:
+        cls_out = AtomicGeoTIFF(out, ds, 1)
+        outputs.append(cls_out)
+        style_class_band(cls_out.band(1), classes)
+        prob_out = None
+        if prob is not None:
+            prob_out = AtomicGeoTIFF(prob, ds, K)
+            outputs.append(prob_out)
+            for c in classes:
+                b = prob_out.band(int(c["id"]) + 1)
+                b.SetDescription(f"probability of {c['name']}")
+                b.SetNoDataValue(255)
+                b.SetScale(1.0 / PROBABILITY_SCALE)
+                b.SetOffset(0.0)
+
+        def on_rows(y0: int, block: RowBlock) -> None:
+            cls = block.classes()
+            arr = cls.cpu().numpy()
+            cls_out.band(1).WriteArray(arr, 0, y0)
+            counts[:] += np.bincount(arr.ravel(), minlength=256)
+            if prob_out is not None:
+                p = torch.softmax(torch.nan_to_num(block.logits(), nan=0.0), dim=0)
+                q = torch.round(p * PROBABILITY_SCALE).to(torch.uint8)
+                q[:, cls == 255] = 255
+                q = q.cpu().numpy()
+                for k in range(K):
+                    prob_out.band(k + 1).WriteArray(q[k], 0, y0)
+
+        stats = stream_segmentation(reader.read, plan, predictor, K, inp["mean"], inp["std"], batch,
+                                    on_rows, progress=lambda f: rep.progress(f, "segmenting"),
+                                    prefetch=prefetch)
+        for o in outputs:
+            o.commit()
+    except BaseException:
+        for o in outputs:
+            o.discard()
+        raise
+    areas, area_note = class_areas(ds, counts, classes)
+    if area_note:
+        rep.log("areas: " + area_note)
+    seconds = time.perf_counter() - t_start
+    mp = ds.RasterXSize * ds.RasterYSize / 1e6
+    srs = ds.GetSpatialRef()
+    result = {
+        "output": str(out), "probabilities": str(prob) if prob else None,
+        "model": str(lm.path), "untrained_model": lm.untrained,
+        "width": ds.RasterXSize, "height": ds.RasterYSize,
+        "crs": crs_label(srs),
+        "bands": band_list, "window": window, "stride": stride, "device": str(dev), "batch_size": batch,
+        "classes": [{"id": int(c["id"]), "name": c["name"], "colour": c.get("colour")} for c in classes],
+        "class_areas": areas, "area_note": area_note, "nodata_pixels": int(counts[255]),
+        **stats, "seconds": round(seconds, 3), "megapixels_per_second": round(mp / max(seconds, 1e-9), 3),
+    }
+    return result
