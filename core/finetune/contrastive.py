@@ -20,7 +20,7 @@ see positives and negatives of every class. ``level="region"`` adds region embed
 embedding of each class in each image of the batch) as further anchors; ``"pixel"`` uses pixels only.
 
 With ``weight == 0`` the regulariser is off: :meth:`ContrastiveRegulariser.forward` returns a constant
-zero (no graph, no gradient), and :func:`core.train.train_loop` does not even capture the features.
+zero (no graph, no gradient), and :func:`core.finetune.loop.train_loop` does not even capture the features.
 """
 from __future__ import annotations
 

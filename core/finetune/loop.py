@@ -5,7 +5,7 @@ AdamW, lr 6e-5, weight decay 0.01, the head's learning rate × 10, no weight dec
 layers (and MiT's positional ``pos_block``), a linear warm-up (1500 iterations in the paper; capped at
 a tenth of the run for short fine-tunes) then polynomial decay (power 1) to 0; cross-entropy with
 ignore index 255 on logits upsampled to the crop; batches from the MARS + SRR-TA sampler
-(:mod:`core.sampling`). Mixed precision (bf16, else fp16 with a gradient scaler) on CUDA, gradient
+(:mod:`core.finetune.sampler`). Mixed precision (bf16, else fp16 with a gradient scaler) on CUDA, gradient
 accumulation, validation by whole held-out images (split by tile or region, never by pixels) every
 ``eval_interval`` iterations, the best model by validation mIoU kept; checkpoints every
 ``checkpoint_interval`` iterations (safetensors + JSON: never a pickle) and exact ``resume``.
@@ -91,7 +91,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
 @torch.no_grad()
 def validate(model: nn.Module, images: Sequence, num_classes: int, mean, std, device: torch.device,
              window: int, stride: int, batch_size: int = 4) -> np.ndarray:
-    """Slide inference (as :mod:`core.segment`) on whole validation images → confusion matrix (K, K).
+    """Slide inference (as :mod:`core.windows`) on whole validation images → confusion matrix (K, K).
 
     ``images``: objects with ``image`` float32 (3, H, W) in the model's value range and ``label``
     uint8 (H, W) (255 = ignore).

@@ -9,8 +9,9 @@ from core.finetune.crops import Box, IGNORE, Sample, _cut, _pad, _stats
 
 
 @dataclass
-class Window:
-    """A MARS window: box (x0, y0, x1, y1) px in the padded image; ``k`` the requested scale;
+class ContextWindow:
+    """A MARS window (the anchor or a context window; not :class:`core.windows.Window`, a sliding-window
+    position): box (x0, y0, x1, y1) px in the padded image; ``k`` the requested scale;
     ``side`` the side used (``crop·k``, or less when ``shrunk``); ``duplicate`` when it equals an
     earlier window of the same draw (no sample is made for it)."""
 
@@ -37,12 +38,12 @@ class MarsResult:
         padded_shape: (H, W) after padding.
     """
 
-    anchor: Window
+    anchor: ContextWindow
     anchor_ok: bool
     anchor_classes: int
     anchor_max_share: float
     tries: int
-    windows: List[Window]
+    windows: List[ContextWindow]
     samples: List[Sample]
     padded_shape: Tuple[int, int]
     notes: List[str] = field(default_factory=list)
@@ -121,7 +122,7 @@ def find_anchor(label: np.ndarray, rng: np.random.Generator, crop: int = 512, ma
     return (x0, y0, x0 + crop, y0 + crop), False, tries, notes
 
 
-def context_window(anchor: Box, k: int, shape: Tuple[int, int], crop: int, rng: np.random.Generator) -> Window:
+def context_window(anchor: Box, k: int, shape: Tuple[int, int], crop: int, rng: np.random.Generator) -> ContextWindow:
     """A random square window of side ``crop·k`` that contains ``anchor`` (MARS, SRMF).
 
     The anchor falls on one of the k×k cells of a ``crop``-px grid laid over the window (cell drawn
@@ -140,7 +141,7 @@ def context_window(anchor: Box, k: int, shape: Tuple[int, int], crop: int, rng: 
     y0 = int(np.clip(ay0 - iy * crop, lo_y, hi_y))
     shrunk = side < req
     note = f"image {W}x{H} px is smaller than {req} px: the largest square window ({side} px) is used" if shrunk else ""
-    return Window("context", (x0, y0, x0 + side, y0 + side), int(k), side, shrunk, False, note)
+    return ContextWindow("context", (x0, y0, x0 + side, y0 + side), int(k), side, shrunk, False, note)
 
 
 def mars_samples(label: np.ndarray, rng: np.random.Generator, crop: int = 512, scales: Sequence[int] = (2, 3, 4),
@@ -166,7 +167,7 @@ def mars_samples(label: np.ndarray, rng: np.random.Generator, crop: int = 512, s
     H, W = label.shape
     box, ok, tries, notes = find_anchor(label, rng, crop, max_tries, max_share, min_classes, min_labelled=min_labelled)
     n, share, _ = _stats(label[box[1]:box[3], box[0]:box[2]])
-    anchor = Window("anchor", box, 1, crop)
+    anchor = ContextWindow("anchor", box, 1, crop)
     samples = []
     img, lab = _cut(image, label, box, crop, antialias)
     samples.append(Sample(img, lab, "anchor", box, 1.0, source=source))

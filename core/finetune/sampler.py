@@ -48,7 +48,7 @@ class TrainingSampler:
 
     Args:
         images: objects with ``.image`` (3, H, W) uint8/float32 0..255, ``.label`` uint8 (H, W) and
-            ``.name`` (e.g. :class:`core.data.TrainingImage`). Images without any labelled pixel are
+            ``.name`` (e.g. :class:`core.finetune.sources.TrainingImage`). Images without any labelled pixel are
             left out (listed in :attr:`notes`).
         num_classes: K. regions: a :class:`RegionIndex` of these images (mined when None and ``srr``;
             cached in ``cache_dir`` when given; ``miner``: optional SAM-like :data:`RegionMiner`).
