@@ -386,15 +386,54 @@ def run_engine(command: str, args: Sequence[str], feedback=None, *, python: Opti
     if feedback is not None and hasattr(feedback, "pushCommandInfo"):
         feedback.pushCommandInfo(command_line(argv))
     started = time.time()
+    proc = _start_worker(py, argv)
+    if feedback is not None and hasattr(feedback, "srmf_on_start"):
+        feedback.srmf_on_start(proc.pid)
+    lines, stderr_tail, threads = _read_in_threads(proc)
+    relay = _Relay(feedback, on_metrics, progress_range)
+    cancelled = _pump(lines, relay, feedback, poll_s)
+    if cancelled and relay.result is None:
+        terminate_tree(proc, grace_s)
+        for t in threads:
+            t.join(timeout=5)
+        _close(proc)
+        remove_partials(outputs, started)
+        raise EngineCancelled("Cancelled: the SRMF engine was stopped and its partial outputs removed.",
+                              proc.returncode)
+    code = _wait_for_exit(proc, threads, relay, grace_s)
+    tail = "\n".join(stderr_tail)
+    if relay.error is not None:
+        exit_code = int(relay.error.get("exit_code", code if code is not None else 1))
+        message = str(relay.error.get("message") or relay.error.get("error") or "unknown error")
+        if exit_code == 130:
+            remove_partials(outputs, started)
+            raise EngineCancelled(f"Cancelled: {message}", exit_code, tail)
+        if re.search(r"No module named '([\w.]+)'", message):
+            message = _explain_crash(py, exit_code, message)
+        raise EngineError(message, exit_code, tail)
+    if relay.result is None or code not in (0, None):
+        remove_partials(outputs, started)
+        raise EngineError(_explain_crash(py, code, tail), code, tail)
+    return relay.result
+
+
+def _start_worker(py: str, argv: Sequence[str]) -> subprocess.Popen:
+    """Start the engine worker in its own process group, from the plugin folder. Raises EngineNotConfigured."""
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 env=engine_env(py), cwd=str(PLUGIN_DIR), text=True, encoding="utf-8",
                                 errors="replace", bufsize=1, **_popen_group())
     except OSError as exc:
         raise EngineNotConfigured(f"Could not start the SRMF engine with {py}: {exc.strerror or exc}. "
                                   + HOW_TO_INSTALL) from exc
-    if feedback is not None and hasattr(feedback, "srmf_on_start"):
-        feedback.srmf_on_start(proc.pid)
+
+
+def _read_in_threads(proc: subprocess.Popen):
+    """Read the worker's stdout lines into a queue (None at the end) and keep the last 40 stderr lines.
+
+    Returns:
+        ``(lines queue, stderr deque, [reader threads])``.
+    """
     lines: "queue.Queue[Optional[str]]" = queue.Queue()
     stderr_tail: deque = deque(maxlen=40)
 
@@ -410,38 +449,59 @@ def run_engine(command: str, args: Sequence[str], feedback=None, *, python: Opti
     threads = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
     for t in threads:
         t.start()
-    lo, hi = progress_range
-    result = None
-    error = None
-    cancelled = False
-    last_text = None
-    eof = False
-    while not eof:
+    return lines, stderr_tail, threads
+
+
+def _pump(lines: "queue.Queue[Optional[str]]", relay: "_Relay", feedback, poll_s: float) -> bool:
+    """Relay the worker's lines until its stdout ends; True when ``feedback`` was cancelled first."""
+    while True:
         if feedback is not None and feedback.isCanceled():
-            cancelled = True
-            break
+            return True
         try:
             line = lines.get(timeout=poll_s)
         except queue.Empty:
             continue
         if line is None:
-            eof = True
-            break
+            return False
+        relay.handle(line)
+
+
+def _wait_for_exit(proc: subprocess.Popen, threads, relay: "_Relay", grace_s: float):
+    """Wait for the worker to exit (at most 120 s once it gave a result or an error); its exit code."""
+    try:
+        code = proc.wait(timeout=120 if relay.result is not None or relay.error is not None else None)
+    except subprocess.TimeoutExpired:  # a result came but the worker hangs on exit: end it
+        terminate_tree(proc, grace_s)
+        code = proc.returncode
+    for t in threads:
+        t.join(timeout=5)
+    _kill_group_leftovers(proc.pid)
+    _close(proc)
+    return code
+
+
+class _Relay:
+    """Turns the engine's JSON lines into ``feedback`` calls; keeps the ``result`` and ``error`` messages."""
+
+    def __init__(self, feedback, on_metrics: Optional[Callable[[dict], None]], progress_range):
+        self.feedback, self.on_metrics = feedback, on_metrics
+        self.lo, self.hi = progress_range
+        self.result: Optional[dict] = None
+        self.error: Optional[dict] = None
+        self.last_text = None
+
+    def handle(self, line: str) -> None:
+        feedback = self.feedback
         line = line.strip()
         if not line:
-            continue
+            return
         try:
             msg = json.loads(line)
             kind = msg.get("type") if isinstance(msg, dict) else None
         except ValueError:
             kind, msg = None, line
         if kind == "progress":
-            if feedback is not None:
-                text = msg.get("message") or ""
-                if text and text != last_text and hasattr(feedback, "setProgressText"):
-                    feedback.setProgressText(f"SRMF: {text}")
-                    last_text = text
-                feedback.setProgress(lo + (hi - lo) * float(msg.get("percent", 0.0)) / 100.0)
+            self._progress(msg)
         elif kind == "log":
             level, text = msg.get("level", "info"), str(msg.get("message", ""))
             if level == "warning":
@@ -452,45 +512,24 @@ def run_engine(command: str, args: Sequence[str], feedback=None, *, python: Opti
                 _push(feedback, "pushInfo", text)
         elif kind == "metrics":
             _push(feedback, "pushInfo", format_metrics(msg))
-            if on_metrics is not None:
-                on_metrics(msg)
+            if self.on_metrics is not None:
+                self.on_metrics(msg)
         elif kind == "result":
-            result = {k: v for k, v in msg.items() if k != "type"}
+            self.result = {k: v for k, v in msg.items() if k != "type"}
         elif kind == "error":
-            error = msg
+            self.error = msg
         else:
             _push(feedback, "pushDebugInfo", line if isinstance(msg, str) else json.dumps(msg))
-    if cancelled and result is None:
-        terminate_tree(proc, grace_s)
-        for t in threads:
-            t.join(timeout=5)
-        _close(proc)
-        remove_partials(outputs, started)
-        raise EngineCancelled("Cancelled: the SRMF engine was stopped and its partial outputs removed.",
-                              proc.returncode)
-    try:
-        code = proc.wait(timeout=120 if result is not None or error is not None else None)
-    except subprocess.TimeoutExpired:  # a result came but the worker hangs on exit: end it
-        terminate_tree(proc, grace_s)
-        code = proc.returncode
-    for t in threads:
-        t.join(timeout=5)
-    _kill_group_leftovers(proc.pid)
-    _close(proc)
-    tail = "\n".join(stderr_tail)
-    if error is not None:
-        exit_code = int(error.get("exit_code", code if code is not None else 1))
-        message = str(error.get("message") or error.get("error") or "unknown error")
-        if exit_code == 130:
-            remove_partials(outputs, started)
-            raise EngineCancelled(f"Cancelled: {message}", exit_code, tail)
-        if re.search(r"No module named '([\w.]+)'", message):
-            message = _explain_crash(py, exit_code, message)
-        raise EngineError(message, exit_code, tail)
-    if result is None or code not in (0, None):
-        remove_partials(outputs, started)
-        raise EngineError(_explain_crash(py, code, tail), code, tail)
-    return result
+
+    def _progress(self, msg: dict) -> None:
+        feedback = self.feedback
+        if feedback is None:
+            return
+        text = msg.get("message") or ""
+        if text and text != self.last_text and hasattr(feedback, "setProgressText"):
+            feedback.setProgressText(f"SRMF: {text}")
+            self.last_text = text
+        feedback.setProgress(self.lo + (self.hi - self.lo) * float(msg.get("percent", 0.0)) / 100.0)
 
 
 def _close(proc: subprocess.Popen) -> None:

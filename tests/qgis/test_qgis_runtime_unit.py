@@ -130,3 +130,24 @@ def test_worker_environment(monkeypatch, tmp_path):
     foreign = runtime.engine_env(str(tmp_path / "conda" / "bin" / "python"))  # another Python: QGIS's paths break it
     assert foreign["PYTHONPATH"] == str(runtime.PLUGIN_DIR) and "PYTHONHOME" not in foreign
     assert foreign["PYTHONUNBUFFERED"] == "1"
+
+
+def test_remove_partials_removes_every_temporary_file_the_engine_names(tmp_path):
+    """The partial-file contract: core.files (the engine's one writer of temporary outputs) and
+    runtime.remove_partials (what the plugin removes after killing a worker) agree on the names."""
+    from core.files import atomic_output, partial_path  # stdlib only: no torch in QGIS's process
+
+    started = time.time()
+    outputs = [tmp_path / n for n in ("classes.tif", "candidates.gpkg", "tuned.srmf", "report.csv", "r.json")]
+    temps = [partial_path(o) for o in outputs]
+    assert all(t.exists() and t.parent == tmp_path for t in temps)
+    assert sorted(runtime.remove_partials([str(o) for o in outputs], started)) == sorted(map(str, temps))
+    assert not any(t.exists() for t in temps)
+    # an interrupted write leaves nothing and keeps the earlier file
+    keep = tmp_path / "classes.tif"
+    keep.write_text("earlier result")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(keep) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert keep.read_text() == "earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif"]
