@@ -342,7 +342,7 @@ def dubai_class_table() -> ClassTable:
     building #3C1098, land #8429F6, road #6EC1E4, vegetation #FEDD3A, water #E2A929 → ids 0..4;
     Unlabeled #9B9B9B and the undocumented black #000000 → 255. (The colours in the set's
     ``classes.json`` are the annotation tool's display palette and do not occur in the masks.)
-    Prompts match the embedded default model (``core.default_model``).
+    Prompts match the embedded default model (``core.model.default``).
     """
     return ClassTable([
         {"name": "building", "colour": "#3C1098", "value": "#3C1098", "prompt": "A satellite image of building"},
@@ -398,20 +398,19 @@ def normalise_class_table(classes: Sequence[dict]) -> List[dict]:
 
 
 # -- the reference classes of an accuracy assessment -----------------------------------------------
-def _hex_rgb(colour) -> Optional[Tuple[int, int, int]]:
+def colour_rgb(colour) -> Optional[Tuple[int, int, int]]:
+    """``"#RRGGBB"`` → (r, g, b) in 0..255; None for anything that is not such a colour."""
     if not isinstance(colour, str):
         return None
-    c = colour.strip().lstrip("#")
-    if len(c) != 6:
-        return None
     try:
-        return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+        return hex_to_rgb(colour.strip())
     except ValueError:
         return None
 
 
-def _normalise_classes(entries, source: str) -> List[dict]:
-    """Check a list of class entries; ids default to the position. Raises InputError naming ``source``."""
+def reference_classes(entries, source: str) -> List[dict]:
+    """The classes of an accuracy assessment: ``[{"id", "name", "colour", "values"}]``, ids as given (the
+    prediction's class ids, 0..254) or by position. Raises InputError naming ``source``."""
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{source}: the class table must hold a non-empty list 'classes'")
     out, ids, names = [], set(), set()
@@ -453,9 +452,9 @@ def read_reference_classes(classes) -> Tuple[List[dict], Optional[Union[str, int
         InputError: missing or unreadable file, invalid JSON, a bad entry (named).
     """
     if isinstance(classes, (list, tuple)):
-        return _normalise_classes(list(classes), "classes"), None, [], "classes"
+        return reference_classes(list(classes), "classes"), None, [], "classes"
     if isinstance(classes, dict):
-        return (_normalise_classes(classes.get("classes"), "classes"), classes.get("background"),
+        return (reference_classes(classes.get("classes"), "classes"), classes.get("background"),
                 _as_list(classes.get("ignore")), "classes")
     p = Path(classes)
     if not p.is_file():
@@ -463,7 +462,7 @@ def read_reference_classes(classes) -> Tuple[List[dict], Optional[Union[str, int
     if p.suffix.lower() == ".srmf":
         from core.model.modelfile import read_header
 
-        return _normalise_classes(read_header(p)["classes"], str(p)), None, [], str(p)
+        return reference_classes(read_header(p)["classes"], str(p)), None, [], str(p)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -472,7 +471,7 @@ def read_reference_classes(classes) -> Tuple[List[dict], Optional[Union[str, int
         data = {"classes": data}
     if not isinstance(data, dict):
         raise InputError(f"Class table {p}: expected an object {{\"classes\": [...]}}")
-    return _normalise_classes(data.get("classes"), str(p)), data.get("background"), _as_list(data.get("ignore")), str(p)
+    return reference_classes(data.get("classes"), str(p)), data.get("background"), _as_list(data.get("ignore")), str(p)
 
 
 def _as_list(v) -> list:

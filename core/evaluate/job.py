@@ -36,7 +36,7 @@ grid when either raster lacks a CRS; otherwise a reference on another grid or CR
 are rasterised strip by strip onto the prediction's grid (reprojected to its CRS): a pixel takes the
 class of the polygon containing its centre, the later feature wins where polygons overlap.
 
-The class table (``--classes``, the same file as fine-tuning's, :mod:`core.data`): JSON
+The class table (``--classes``, the same file as fine-tuning's, :class:`core.classtable.ClassTable`): JSON
 ``{"classes": [{"id"?, "name", "colour"?, "prompt"?, "value"? | "values"?}], "ignore"?: [values],
 "background"?: name or id}``. ``id`` defaults to the entry's position; ``value`` (a scalar or a list)
 is what the reference holds for that class (a raster value, a field value, or "#RRGGBB" for an RGB
@@ -64,7 +64,7 @@ from core.evaluate.reference import (IGNORE, _PolygonReference, _RasterReference
 from core.geo.vector import parse_vector_source
 from core.evaluate.report import _confusion_csv_text, _csv_text, _json_safe, _write_atomic, confusion_csv_path
 from core.metrics import confusion_matrix, metrics_from_confusion
-from core.classtable import _normalise_classes, classes_from_raster, read_reference_classes
+from core.classtable import reference_classes, classes_from_raster, read_reference_classes
 
 
 class _ScaledReporter:
@@ -171,7 +171,7 @@ def _predict_and_evaluate(prediction_path, reference_path, reference_field, tabl
             from core.segment.job import segment_raster
 
             if table is None:
-                table = _normalise_classes(read_header(model)["classes"], str(model))
+                table = reference_classes(read_header(model)["classes"], str(model))
             tmpdir = tempfile.mkdtemp(prefix="srmf-evaluate-")
             pred_file = Path(tmpdir) / "prediction.tif"
             rep.log(f"segmenting {prediction_path} with {model} before evaluating")

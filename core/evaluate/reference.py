@@ -13,7 +13,7 @@ ogr.UseExceptions()
 osr.UseExceptions()
 from core.classtable import IGNORE
 from core.geo.vector import find_field, open_layer, parse_vector_source, traditional
-from core.classtable import _hex_rgb
+from core.classtable import colour_rgb
 
 _STRIP_PIXELS = 1 << 22  # pixels per strip (4 Mpx: a few tens of MB of working arrays)
 
@@ -149,9 +149,9 @@ class _RasterReference:
         if self.rgb:
             pairs = []
             for idx, c in enumerate(classes):
-                cols = [v for v in (c["values"] or []) if _hex_rgb(v)] or ([c["colour"]] if _hex_rgb(c["colour"]) else [])
+                cols = [v for v in (c["values"] or []) if colour_rgb(v)] or ([c["colour"]] if colour_rgb(c["colour"]) else [])
                 for col in cols:
-                    r, g, b = _hex_rgb(col)
+                    r, g, b = colour_rgb(col)
                     pairs.append(((r << 16) | (g << 8) | b, idx))
             if not pairs:
                 raise InputError(f"The reference {self.path} has {n_bands} bands (a colour-coded mask) but the "

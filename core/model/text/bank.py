@@ -3,7 +3,7 @@
 SRMF (Yang et al., IEEE TGRS 2025, arXiv 2504.19839), "general representation knowledge injection"
 (text–visual fusion): a fixed bank T of N prompts "A satellite image of {concept}", one per general
 land-cover concept, encoded once by a frozen text encoder and L2-normalised row by row (N×D). The
-decode head (``core.network``) projects every pixel into the text space and compares it with T.
+decode head (``core.model.network``) projects every pixel into the text space and compares it with T.
 Nothing on the text side is trained, and the bank does not depend on the dataset's classes (the
 paper uses 54 concepts and CLIP ViT-H/14, D = 1024); custom classes add their own prompts.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
-from core.model.text.encoders import TextEncoder, _as_plain_float32
+from core.model.text.encoders import TextEncoder, as_plain_float32
 from core.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def build_text_bank(prompts: Sequence[str], encoder: TextEncoder,
             missing[k] = p
     if missing:
         todo = list(missing.values())
-        emb = _as_plain_float32(encoder.encode(todo), len(todo), dim, encoder_id)
+        emb = as_plain_float32(encoder.encode(todo), len(todo), dim, encoder_id)
         if not bool(torch.isfinite(emb).all()):
             raise RuntimeError(f"text encoder {encoder_id} returned non-finite values")
         norms = emb.norm(dim=1)

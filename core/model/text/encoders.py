@@ -52,7 +52,7 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _as_plain_float32(x: Any, n: int, dim: int, who: str) -> torch.Tensor:
+def as_plain_float32(x: Any, n: int, dim: int, who: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     # clone() outside inference mode: the result is a normal tensor, usable later under autograd.
@@ -149,7 +149,7 @@ class MiniLMTextEncoder:
         with torch.no_grad():
             emb = model.encode(prompts, batch_size=_ENCODE_BATCH, convert_to_tensor=True,
                                normalize_embeddings=False, show_progress_bar=False)
-        return _as_plain_float32(emb, len(prompts), self.dim, self.encoder_id)
+        return as_plain_float32(emb, len(prompts), self.dim, self.encoder_id)
 
 
 @contextlib.contextmanager
@@ -413,7 +413,7 @@ class OpenCLIPTextEncoder:
                 model.eval()
             for i in range(0, len(prompts), _ENCODE_BATCH):
                 outs.append(self._encode_tokens(tokenizer(prompts[i:i + _ENCODE_BATCH])).float().cpu())
-        return _as_plain_float32(torch.cat(outs), len(prompts), self.dim, self.encoder_id)
+        return as_plain_float32(torch.cat(outs), len(prompts), self.dim, self.encoder_id)
 
 
 def get_text_encoder(spec: Optional[str] = None, device: str = "cpu") -> TextEncoder:
