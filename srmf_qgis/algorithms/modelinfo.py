@@ -50,7 +50,7 @@ class ModelInfoAlgorithm(SRMFAlgorithm):
         result = self.run_engine("info", [model] if model else [], feedback, require_torch=False)
         header = result.get("header") or {}
         path = result.get("model") or model
-        # the engine's own description (core.modelfile.describe), so the log matches `python -m core info`
+        # the engine's own description (core.model.modelfile.describe), so the log matches `python -m core info`
         feedback.pushInfo(result.get("description") or json.dumps(header, indent=2))
         classes = sorted(header.get("classes") or [], key=lambda c: int(c["id"]))
         prov = header.get("provenance") or {}

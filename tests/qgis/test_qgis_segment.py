@@ -56,7 +56,7 @@ def test_modelinfo_of_the_default_model(provider, tmp_path):
     # the shipped default model is trained (resources/models/README.md): no placeholder warning, and its
     # validation metrics on the held-out Dubai tile travel with it
     assert not any("UNTRAINED" in w for w in fb.warnings)
-    # the log carries the engine's description (core.modelfile.describe): classes and training GSD
+    # the log carries the engine's description (core.model.modelfile.describe): classes and training GSD
     log = "\n".join(fb.infos)
     assert "Classes:" in log and "Ground sample distance: 0.8 m" in log
     metrics = json.loads(res["METRICS"])
