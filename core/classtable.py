@@ -67,6 +67,15 @@ def _value_key(v: Any) -> str:
         return s
 
 
+def _lut_index(v, size: int) -> Optional[int]:
+    """``v`` as an index 0..size-1 of a lookup table when it is a whole number in range, else None."""
+    try:
+        iv = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(iv) if iv.is_integer() and 0 <= iv < size else None
+
+
 class ClassTable:
     """The classes to learn, ids 0..K-1 in table order, and how label sources encode them.
 
@@ -256,21 +265,11 @@ class ClassTable:
         return out
 
     def _fill_lut(self, lut: np.ndarray, nodata: Optional[float]) -> None:
-        for c in self.classes:
-            for v in c.values:
-                try:
-                    iv = float(v)
-                except (TypeError, ValueError):
-                    continue
-                if iv.is_integer() and 0 <= iv < len(lut):
-                    lut[int(iv)] = c.id
-        for v in self.ignore:
-            try:
-                iv = float(v)
-            except (TypeError, ValueError):
-                continue
-            if iv.is_integer() and 0 <= iv < len(lut):
-                lut[int(iv)] = IGNORE
+        for values, target in [(c.values, c.id) for c in self.classes] + [(self.ignore, IGNORE)]:
+            for v in values:
+                i = _lut_index(v, len(lut))
+                if i is not None:
+                    lut[i] = target
         if nodata is not None and not np.isnan(nodata) and float(nodata).is_integer() and 0 <= nodata < len(lut):
             lut[int(nodata)] = IGNORE
 
