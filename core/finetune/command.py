@@ -5,11 +5,14 @@ import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 from core.errors import InputError
+from core.finetune.config import VAL_SHARE, TrainConfig
 
 
 # -- command line -------------------------------------------------------------------------------------
 def add_finetune_arguments(p) -> None:
-    """Arguments of ``python -m core finetune`` (names follow ArcGIS Pro's Train Deep Learning Model)."""
+    """Arguments of ``python -m core finetune`` (names follow ArcGIS Pro's Train Deep Learning Model);
+    the recipe's defaults are :class:`TrainConfig`'s, stated there once."""
+    D = TrainConfig()
     p.add_argument("output", help="the model file to write (.srmf)")
     p.add_argument("--raster", action="append", default=[], help="training raster (repeat for several)")
     p.add_argument("--labels", action="append", default=[],
@@ -20,31 +23,31 @@ def add_finetune_arguments(p) -> None:
                    help='class table JSON {"classes": [{"name", "colour", "prompt", "value", "from"}]}; '
                         "default: the base model's classes, label value = class id")
     p.add_argument("--base-model", default=None, help="model to start from (default: the embedded default model)")
-    p.add_argument("--iterations", type=int, default=2000, help="max iterations (optimiser steps)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per iteration")
-    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps per iteration")
-    p.add_argument("--lr", type=float, default=6e-5, help="learning rate (the head's is 10x)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: min(1500, iterations/10))")
-    p.add_argument("--crop", type=int, default=512, help="training tile size in pixels")
-    p.add_argument("--val-share", type=float, default=0.2, help="share of labelled pixels held out for validation")
+    p.add_argument("--iterations", type=int, default=D.iterations, help="max iterations (optimiser steps)")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="samples per iteration")
+    p.add_argument("--accumulate", type=int, default=D.accumulate, help="gradient accumulation steps per iteration")
+    p.add_argument("--lr", type=float, default=D.lr, help=f"learning rate (the head's is {D.head_lr_mult:g}x)")
+    p.add_argument("--warmup", type=int, default=D.warmup_iterations, help="warm-up iterations (default: min(1500, iterations/10))")
+    p.add_argument("--crop", type=int, default=D.crop, help="training crop size in pixels")
+    p.add_argument("--val-share", type=float, default=VAL_SHARE, help="share of labelled pixels held out for validation")
     p.add_argument("--val-groups", default=None, help="comma-separated groups (tiles/rasters) to hold out")
     p.add_argument("--val-raster", action="append", default=[], help="separate validation raster(s)")
     p.add_argument("--val-labels", action="append", default=[], help="labels of the validation raster(s)")
-    p.add_argument("--eval-interval", type=int, default=200, help="validate every N iterations")
-    p.add_argument("--checkpoint-interval", type=int, default=200, help="checkpoint every N iterations")
+    p.add_argument("--eval-interval", type=int, default=D.eval_interval, help="validate every N iterations")
+    p.add_argument("--checkpoint-interval", type=int, default=D.checkpoint_interval, help="checkpoint every N iterations")
     p.add_argument("--no-mars", action="store_true", help="class balancing off: no multi-scale anchored sampling")
     p.add_argument("--no-srr", action="store_true", help="class balancing off: no rare-region resampling (SRR-TA)")
-    p.add_argument("--srr-k", type=int, default=4, help="rare-region crops per drawn image")
-    p.add_argument("--contrastive-weight", type=float, default=0.0,
+    p.add_argument("--srr-k", type=int, default=D.srr_k, help="rare-region crops per drawn image")
+    p.add_argument("--contrastive-weight", type=float, default=D.contrastive_weight,
                    help="weight of the class-balanced contrastive (InfoNCE) loss on the fused features; 0 = off")
-    p.add_argument("--contrastive-temperature", type=float, default=0.1,
+    p.add_argument("--contrastive-temperature", type=float, default=D.contrastive_temperature,
                    help="temperature of the contrastive loss")
-    p.add_argument("--contrastive-anchors", type=int, default=64,
+    p.add_argument("--contrastive-anchors", type=int, default=D.contrastive_anchors,
                    help="contrastive anchors drawn per class present in a batch (at least 2)")
-    p.add_argument("--contrastive-queue", type=int, default=0,
+    p.add_argument("--contrastive-queue", type=int, default=D.contrastive_queue,
                    help="per-class memory queue of earlier anchors, for small batches (0 = none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output model")
     p.add_argument("--json", action="store_true", help="print JSON lines (progress, log, metrics, result, error)")
@@ -82,35 +85,58 @@ def _sources_from_args(rasters: Sequence[str], labels: Sequence[str], field: Opt
 
 
 def run_finetune_command(args, rep) -> dict:
-    """``python -m core finetune``: parse, load data, train, report (see :func:`finetune`)."""
+    """``python -m core finetune``: check the arguments, load the base model, the class table and the
+    training data, train (see :func:`core.finetune.job.finetune`), report.
+
+    Raises:
+        InputError: a bad argument (:meth:`TrainConfig.validate`), class table or training source,
+            before anything is written.
+    """
     from core.finetune.job import finetune
-    from core.classtable import load_class_table
     from core.finetune.sources import load_sources
     from core.model.modelfile import DEFAULT_MODEL_PATH, load_model
     from core.geo.raster import check_output_path
-    from core.finetune.config import TrainConfig
 
     out = Path(args.output)
     if not args.resume:
         check_output_path(out, args.overwrite, "output model")
-    if args.crop < 64 or args.crop % 32:
-        raise InputError(f"--crop must be a multiple of 32 pixels, at least 64 (got {args.crop})")
-    for name in ("iterations", "batch_size", "accumulate", "eval_interval", "checkpoint_interval"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.batch_size % args.accumulate:
-        raise InputError(f"--batch-size ({args.batch_size}) must be a multiple of --accumulate ({args.accumulate})")
-    if not args.contrastive_weight >= 0:
-        raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {args.contrastive_weight})")
-    if not args.contrastive_temperature > 0:
-        raise InputError(f"--contrastive-temperature must be positive (got {args.contrastive_temperature})")
-    if args.contrastive_anchors < 2:
-        raise InputError(f"--contrastive-anchors must be at least 2 (got {args.contrastive_anchors})")
-    if args.contrastive_queue < 0:
-        raise InputError(f"--contrastive-queue must be 0 (none) or positive (got {args.contrastive_queue})")
+    config = config_from_args(args)
+    config.validate()
     lm = load_model(args.base_model or DEFAULT_MODEL_PATH)
-    if args.classes:
-        cpath = Path(args.classes)
+    raw, table = _class_table(args.classes, lm)
+    sources = _training_sources(args)
+    images = load_sources(sources, table)
+    val_images = None
+    if args.val_raster:
+        val_images = load_sources(_sources_from_args(args.val_raster, args.val_labels, args.label_field, "val-"), table)
+    classes = [{**{k: v for k, v in c.items() if k in ("name", "colour", "prompt", "from")}} for c in raw]
+    result = finetune(out, images=images, classes=classes, base_model=lm, config=config, device=args.device,
+                      val_share=args.val_share,
+                      val_groups=[g for g in args.val_groups.split(",") if g] if args.val_groups else None,
+                      val_images=val_images, overwrite=args.overwrite, resume=args.resume, reporter=rep,
+                      data_description=[json.dumps(s) for s in sources])
+    rep.result(result, text=_summary(result))
+    return result
+
+
+def config_from_args(args) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``finetune`` arguments (not yet validated)."""
+    return TrainConfig(iterations=args.iterations, batch_size=args.batch_size, accumulate=args.accumulate,
+                       lr=args.lr, warmup_iterations=args.warmup, crop=args.crop,
+                       eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
+                       seed=args.seed, mars=not args.no_mars, srr=not args.no_srr, srr_k=args.srr_k,
+                       contrastive_weight=args.contrastive_weight,
+                       contrastive_temperature=args.contrastive_temperature,
+                       contrastive_anchors=args.contrastive_anchors, contrastive_queue=args.contrastive_queue)
+
+
+def _class_table(path: Optional[str], lm):
+    """``(raw entries, ClassTable)`` of ``--classes`` (a JSON file), or of the base model's classes
+    (label value = class id) when it is not given. Raises InputError: file missing or not JSON."""
+    from core.classtable import load_class_table
+
+    if path:
+        cpath = Path(path)
         if not cpath.is_file():
             raise InputError(f"Class table not found: {cpath}")
         try:
@@ -123,6 +149,12 @@ def run_finetune_command(args, rep) -> dict:
         raw = [{"name": c["name"], "colour": c.get("colour"), "prompt": c.get("prompt"), "value": int(c["id"])}
                for c in lm.classes]
         table = load_class_table({"classes": raw})
+    return raw, table
+
+
+def _training_sources(args) -> List[dict]:
+    """The training sources of ``--sources`` (a JSON list) followed by the ``--raster``/``--labels`` pairs.
+    Raises InputError: unreadable ``--sources``, unpaired arguments, no source at all."""
     sources = []
     if args.sources:
         try:
@@ -132,23 +164,11 @@ def run_finetune_command(args, rep) -> dict:
     sources += _sources_from_args(args.raster, args.labels, args.label_field, "")
     if not sources:
         raise InputError("No training data: give --raster and --labels (or --sources)")
-    images = load_sources(sources, table)
-    val_images = None
-    if args.val_raster:
-        val_images = load_sources(_sources_from_args(args.val_raster, args.val_labels, args.label_field, "val-"), table)
-    config = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, accumulate=args.accumulate,
-                         lr=args.lr, warmup_iterations=args.warmup, crop=args.crop,
-                         eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
-                         seed=args.seed, mars=not args.no_mars, srr=not args.no_srr, srr_k=args.srr_k,
-                         contrastive_weight=args.contrastive_weight,
-                         contrastive_temperature=args.contrastive_temperature,
-                         contrastive_anchors=args.contrastive_anchors, contrastive_queue=args.contrastive_queue)
-    classes = [{**{k: v for k, v in c.items() if k in ("name", "colour", "prompt", "from")}} for c in raw]
-    result = finetune(out, images=images, classes=classes, base_model=lm, config=config, device=args.device,
-                      val_share=args.val_share,
-                      val_groups=[g for g in args.val_groups.split(",") if g] if args.val_groups else None,
-                      val_images=val_images, overwrite=args.overwrite, resume=args.resume, reporter=rep,
-                      data_description=[json.dumps(s) for s in sources])
+    return sources
+
+
+def _summary(result: dict) -> str:
+    """The text form of a fine-tune result: output, validation mIoU, the per-class IoU."""
     miou = result["metrics"]["miou"]
     lines = [f"Wrote {result.get('output')} after {result['iterations']} iterations in {result['seconds']:.0f} s "
              f"on {result['device']}",
@@ -156,5 +176,4 @@ def run_finetune_command(args, rep) -> dict:
              if miou is not None else "no validation data: the last iteration's model was written"]
     for n, v in (result["metrics"]["per_class_iou"] or {}).items():
         lines.append(f"  {n:<20s} IoU {v if v is not None else 'n/a'}")
-    rep.result(result, text="\n".join(lines))
-    return result
+    return "\n".join(lines)

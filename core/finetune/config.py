@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Tuple
+from core.errors import InputError
+
+VAL_SHARE = 0.2  # default share of the labelled pixels held out for validation (finetune(), --val-share)
 
 
 @dataclass
@@ -30,12 +33,40 @@ class TrainConfig:
     val_stride: Optional[int] = None  # default: 2/3 of the window (341 for 512)
     log_interval: int = 10
     max_seconds: Optional[float] = None  # wall-clock budget: stop (validate, checkpoint) when spent
-    # Opt-in class-balanced contrastive regularisation of the fused features (core.contrastive; BCL of
+    # Opt-in class-balanced contrastive regularisation of the fused features (core.finetune.contrastive; BCL of
     # arXiv 2308.02844): 0 = off (the loop is then exactly the plain SRMF loop).
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
     contrastive_anchors: int = 64  # anchors drawn per class present in a batch
     contrastive_queue: int = 0  # per-class memory queue of earlier anchors (0: none; checkpointed)
+
+    def validate(self) -> None:
+        """Refuse a recipe that cannot train, before anything is read or written: the one check of the
+        command line (``python -m core finetune``) and of :func:`core.finetune.job.finetune`.
+
+        Raises:
+            InputError: crop not a multiple of 32 px or under 64; iterations, batch size, accumulation or
+                an interval under 1; a batch size that is not a multiple of the accumulation steps; a
+                learning rate not positive; a negative contrastive weight, a temperature not positive,
+                fewer than 2 contrastive anchors or a negative queue. Messages name the CLI parameter.
+        """
+        if self.crop < 64 or self.crop % 32:
+            raise InputError(f"--crop must be a multiple of 32 pixels, at least 64 (got {self.crop})")
+        for name in ("iterations", "batch_size", "accumulate", "eval_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.batch_size % self.accumulate:
+            raise InputError(f"--batch-size ({self.batch_size}) must be a multiple of --accumulate ({self.accumulate})")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be positive (got {self.lr})")
+        if not self.contrastive_weight >= 0:
+            raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {self.contrastive_weight})")
+        if not self.contrastive_temperature > 0:
+            raise InputError(f"--contrastive-temperature must be positive (got {self.contrastive_temperature})")
+        if self.contrastive_anchors < 2:
+            raise InputError(f"--contrastive-anchors must be at least 2 (got {self.contrastive_anchors})")
+        if self.contrastive_queue < 0:
+            raise InputError(f"--contrastive-queue must be 0 (none) or positive (got {self.contrastive_queue})")
 
     def inference_window(self) -> Tuple[int, int]:
         """(window, stride) for validation and for the written model: the paper's 512/341 unless set;

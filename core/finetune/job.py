@@ -1,10 +1,10 @@
 """The ``finetune`` command: a base model + an analyst's labelled rasters → a new ``.srmf`` model.
 
 Steps: read the base model and the class table; read the training data (raster + class raster, or
-raster + polygons + class field, or image/mask folders) through :mod:`core.data`; hold out the
+raster + polygons + class field, or image/mask folders) through :mod:`core.finetune.sources`; hold out the
 validation images by tile/raster (or, with a single raster, by a region of rows — never by random
-pixels); adapt the head to the class table (:mod:`core.classes`); train with MARS + SRR-TA
-(:mod:`core.sampling`, :mod:`core.train`); write the best model by validation mIoU, with its metrics
+pixels); adapt the head to the class table (:mod:`core.model.adapt`); train with MARS + SRR-TA
+(:mod:`core.finetune.sampler`, :mod:`core.finetune.loop`); write the best model by validation mIoU, with its metrics
 and provenance, atomically to the output path. Bad input is refused before anything is written.
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TYPE_CHECKING, Tuple
 import numpy as np
 from core.errors import InputError
+from core.finetune.config import VAL_SHARE
 
 if TYPE_CHECKING:
     import torch
 
 
-def split_validation(images: Sequence, val_share: float = 0.2, val_groups: Optional[Sequence[str]] = None,
+def split_validation(images: Sequence, val_share: float = VAL_SHARE, val_groups: Optional[Sequence[str]] = None,
                      seed: int = 0, crop: int = 512) -> Tuple[list, list, str]:
     """Hold out validation data by group (tile / source raster), or by region when there is one group.
 
@@ -114,7 +115,7 @@ def _mean_class_features(model, images, class_ids, mean, std, crop, max_crops, s
 
 
 def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=None, config=None,
-             device: str = "auto", val_share: float = 0.2, val_groups: Optional[Sequence[str]] = None,
+             device: str = "auto", val_share: float = VAL_SHARE, val_groups: Optional[Sequence[str]] = None,
              val_images: Optional[Sequence] = None, overwrite: bool = False, resume: bool = False,
              reporter=None, data_description: Optional[List[str]] = None, stop_after: Optional[int] = None,
              keep_work_dir: bool = False, text_encoder=None, architecture: Optional[dict] = None) -> dict:
@@ -150,18 +151,7 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
 
     rep = reporter or Reporter()
     config = config or TrainConfig()
-    if config.iterations < 1:
-        raise InputError(f"--iterations must be at least 1 (got {config.iterations})")
-    if config.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1 (got {config.batch_size})")
-    if config.lr <= 0:
-        raise InputError(f"--lr must be positive (got {config.lr})")
-    if not config.contrastive_weight >= 0:
-        raise InputError(f"--contrastive-weight must be 0 (off) or positive (got {config.contrastive_weight})")
-    if not config.contrastive_temperature > 0:
-        raise InputError(f"--contrastive-temperature must be positive (got {config.contrastive_temperature})")
-    if config.contrastive_weight > 0 and config.contrastive_anchors < 2:
-        raise InputError(f"contrastive anchors per class must be at least 2 (got {config.contrastive_anchors})")
+    config.validate()
     out = Path(output)
     if out.suffix.lower() != ".srmf":
         raise InputError(f"The output model {out} must end in .srmf")
