@@ -100,7 +100,8 @@ ablation: install
 	  $(if $(ITERATIONS),--iterations $(ITERATIONS)) $(if $(MINUTES),--minutes $(MINUTES))
 
 # Cold-start class discovery and the contrastive option on the real Dubai tiles (bench/coldstart.py).
-# A real run needs trained models (a GPU); eval-coldstart-quick is a 2–5 minute CPU smoke run.
+# A full run trains one model per held-out class (11–30 min each on a 2-core CPU; DEVICE=cuda on a GPU);
+# eval-coldstart-quick is a 2–5 minute CPU smoke run.
 .PHONY: eval-coldstart eval-coldstart-quick
 eval-coldstart: install
 	$(PY) -m bench.coldstart --device $(DEVICE) --out-dir bench-output/coldstart \
