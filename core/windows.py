@@ -1,5 +1,6 @@
 """The sliding window shared by segmentation, validation and findclass (SRMF inference, DESIGN.md): the
-slide plan, the window predictor, strip streaming with a bounded logit accumulator, the in-memory reference."""
+slide plan, the one iterator of window rows and batches, the window predictor, strip streaming with a bounded
+logit accumulator, the in-memory reference, and the inference job's preamble (raster, model, device, plan)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,12 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from core.device import DEFAULT_BATCH, resolve_device
 from core.errors import InputError
+from core.model.modelfile import DEFAULT_INFERENCE
 
 RowsCallback = Callable[[int, "RowBlock"], None]
+StripReadFn = Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]]
 
 
 def window_offsets(size: int, window: int, stride: int) -> List[int]:
@@ -140,8 +144,101 @@ def _active(row: List[Window], valid: Optional[np.ndarray], y0: int) -> List[Win
     return [w for w in row if valid[w.y - y0:w.y - y0 + w.h, w.x:w.x + w.w].any()]
 
 
-def stream_segmentation(read_strip: Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]],
-                        plan: SlidePlan, predictor: WindowPredictor, num_classes: int,
+@dataclass
+class WindowBatch:
+    """Up to ``batch_size`` windows of one row: ``windows``; ``tensor`` float32 (B, n, window, window),
+    normalised, zero-padded; ``seconds`` spent cutting and normalising it."""
+
+    windows: Sequence[Window]
+    tensor: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class StripRow:
+    """One row of windows of a :class:`SlidePlan` and its strip, as :func:`iter_window_rows` yields it.
+
+    Attributes:
+        index: the row's position in ``plan.ys``. y: its first raster row (pixels). next_y: the first
+            row of the next row of windows (``plan.height`` for the last): rows ``y .. next_y`` are
+            covered by no later window.
+        windows: every window of the row. active: those that are run (valid pixels, wanted); empty
+            when the strip was not read (no window wanted).
+        data: the raw strip (n, win_h, width) or None (not read); valid: bool (win_h, width) or None.
+    """
+
+    index: int
+    y: int
+    next_y: int
+    windows: List[Window]
+    active: List[Window]
+    data: Optional[np.ndarray]
+    valid: Optional[np.ndarray]
+    window: int
+    batch_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def batches(self) -> Iterator[WindowBatch]:
+        """The active windows in batches of ``batch_size``, each cut from the strip when it is asked for."""
+        for chunk in _batched(self.active, self.batch_size):
+            t0 = time.perf_counter()
+            tensor = _window_tensor(self.data, self.valid, chunk, self.y, self.window, self.mean, self.std)
+            yield WindowBatch(chunk, tensor, time.perf_counter() - t0)
+
+
+def iter_window_rows(read_strip: StripReadFn, plan: SlidePlan, mean: Sequence[float], std: Sequence[float],
+                     batch_size: int, want: Optional[Callable[[Window], bool]] = None,
+                     prefetch: bool = True) -> Iterator[StripRow]:
+    """The rows of windows of ``plan``, top to bottom, each with its strip read (the one iterator of
+    window batches that segmentation and findclass share).
+
+    Args:
+        read_strip: ``(y0, rows) -> (data (n, rows, width) in the model's value range, uint8 or
+            float32; valid bool (rows, width) or None)``; called with ``plan.win_h`` rows.
+        plan: the window grid. mean, std: the model's normalisation (value-range units).
+        batch_size: windows per :class:`WindowBatch`.
+        want: ``want(window) -> bool`` keeps only some windows; a row with none wanted is not read.
+            Windows that are entirely nodata are always left out.
+        prefetch: read the next needed strip in a background thread while the current one is used.
+
+    Yields:
+        :class:`StripRow` per row of windows; its strip is released when the next row is asked for.
+        Close the iterator (``contextlib.closing``) to stop the reader thread at once on an error.
+    """
+    ys = plan.ys
+    needed = [y for y in ys if want is None or any(want(w) for w in plan.row(y))]
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    try:
+        pending = pool.submit(read_strip, needed[0], plan.win_h) if pool and needed else None
+        k = 0
+        for r, y in enumerate(ys):
+            next_y = ys[r + 1] if r + 1 < len(ys) else plan.height
+            windows = plan.row(y)
+            data = valid = None
+            active: List[Window] = []
+            if k < len(needed) and needed[k] == y:
+                k += 1
+                if pool:
+                    data, valid = pending.result()
+                    if k < len(needed):
+                        pending = pool.submit(read_strip, needed[k], plan.win_h)
+                else:
+                    data, valid = read_strip(y, plan.win_h)
+                active = _active(windows, valid, y)
+                if want is not None:
+                    active = [w for w in active if want(w)]
+            row = StripRow(r, y, next_y, windows, active, data, valid, plan.window, batch_size, mean, std)
+            del data, valid
+            yield row
+            row.data = row.valid = None  # the strip goes before the one after the next is read
+            del row
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stream_segmentation(read_strip: StripReadFn, plan: SlidePlan, predictor: WindowPredictor, num_classes: int,
                         mean: Sequence[float], std: Sequence[float], batch_size: int,
                         on_rows: RowsCallback, progress: Optional[Callable[[float], None]] = None,
                         prefetch: bool = True) -> dict:
@@ -171,53 +268,48 @@ def stream_segmentation(read_strip: Callable[[int, int], Tuple[np.ndarray, Optio
     cnt = torch.zeros((win_h, W), dtype=torch.float32, device=device)
     done = skipped = 0
     forward_s = 0.0
-    ys = plan.ys
-    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
-    try:
-        pending = pool.submit(read_strip, ys[0], win_h) if pool else None
-        for r, y in enumerate(ys):
-            if pool:
-                data, valid = pending.result()
-                if r + 1 < len(ys):
-                    pending = pool.submit(read_strip, ys[r + 1], win_h)
-            else:
-                data, valid = read_strip(y, win_h)
-            row = plan.row(y)
-            active = _active(row, valid, y)
-            skipped += len(row) - len(active)
-            for chunk in _batched(active, batch_size):
+    with contextlib.closing(iter_window_rows(read_strip, plan, mean, std, batch_size, prefetch=prefetch)) as rows:
+        for row in rows:
+            skipped += len(row.windows) - len(row.active)
+            for batch in row.batches():
                 t0 = time.perf_counter()
-                logits = predictor(_window_tensor(data, valid, chunk, y, plan.window, mean, std))
-                for i, w in enumerate(chunk):
-                    acc[:, :w.h, w.x:w.x + w.w] += logits[i, :, :w.h, :w.w]
-                    cnt[:w.h, w.x:w.x + w.w] += 1.0
+                _accumulate(acc, cnt, predictor(batch.tensor), batch.windows, row.y)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                forward_s += time.perf_counter() - t0
-                done += len(chunk)
+                forward_s += batch.seconds + (time.perf_counter() - t0)
+                done += len(batch.windows)
                 if progress:
                     progress((done + skipped) / plan.n_windows)
-            if not active and progress:
+            if not row.active and progress:
                 progress((done + skipped) / plan.n_windows)
             # Rows [y, next_y) are covered by no later window: finish and hand them over.
-            next_y = ys[r + 1] if r + 1 < len(ys) else plan.height
-            n_done = next_y - y
-            on_rows(y, RowBlock(acc[:, :n_done], cnt[:n_done], None if valid is None else valid[:n_done]))
-            del data, valid
-            if r + 1 < len(ys):
-                keep = win_h - n_done
-                if n_done >= keep:  # source and target rows do not overlap: copy in place
-                    acc[:, :keep].copy_(acc[:, n_done:])
-                    cnt[:keep].copy_(cnt[n_done:])
-                else:
-                    acc[:, :keep] = acc[:, n_done:].clone()
-                    cnt[:keep] = cnt[n_done:].clone()
-                acc[:, keep:] = 0.0
-                cnt[keep:] = 0.0
-    finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+            n_done = row.next_y - row.y
+            on_rows(row.y, RowBlock(acc[:, :n_done], cnt[:n_done], None if row.valid is None else row.valid[:n_done]))
+            if row.index + 1 < len(plan.ys):
+                _drop_rows(acc, cnt, n_done)
     return {"windows": plan.n_windows, "skipped_windows": skipped, "forward_seconds": forward_s}
+
+
+def _accumulate(acc: torch.Tensor, cnt: torch.Tensor, logits: torch.Tensor, wins: Sequence[Window], y0: int) -> None:
+    """Add a batch's logits (B, K, window, window) to the sums ``acc`` (K, rows, width) and the counts
+    ``cnt`` (rows, width) whose first row is raster row ``y0``."""
+    for i, w in enumerate(wins):
+        rows, cols = slice(w.y - y0, w.y - y0 + w.h), slice(w.x, w.x + w.w)
+        acc[:, rows, cols] += logits[i, :, :w.h, :w.w]
+        cnt[rows, cols] += 1.0
+
+
+def _drop_rows(acc: torch.Tensor, cnt: torch.Tensor, n_done: int) -> None:
+    """Move the accumulator's rows after the first ``n_done`` to its top and zero the rest."""
+    keep = acc.shape[1] - n_done
+    if n_done >= keep:  # source and target rows do not overlap: copy in place
+        acc[:, :keep].copy_(acc[:, n_done:])
+        cnt[:keep].copy_(cnt[n_done:])
+    else:
+        acc[:, :keep] = acc[:, n_done:].clone()
+        cnt[:keep] = cnt[n_done:].clone()
+    acc[:, keep:] = 0.0
+    cnt[keep:] = 0.0
 
 
 def slide_inference_in_memory(image: np.ndarray, valid: Optional[np.ndarray], plan: SlidePlan,
@@ -237,16 +329,13 @@ def slide_inference_in_memory(image: np.ndarray, valid: Optional[np.ndarray], pl
     K, H, W = num_classes, plan.height, plan.width
     acc = torch.zeros((K, H, W), dtype=torch.float32, device=predictor.device)
     cnt = torch.zeros((H, W), dtype=torch.float32, device=predictor.device)
-    for y in plan.ys:
-        row = plan.row(y)
-        strip_valid = None if valid is None else valid[y:y + plan.win_h]
-        active = _active(row, strip_valid, y)
-        for chunk in _batched(active, batch_size):
-            logits = predictor(_window_tensor(image[:, y:y + plan.win_h], strip_valid, chunk, y, plan.window,
-                                              mean, std))
-            for i, w in enumerate(chunk):
-                acc[:, w.y:w.y + w.h, w.x:w.x + w.w] += logits[i, :, :w.h, :w.w]
-                cnt[w.y:w.y + w.h, w.x:w.x + w.w] += 1.0
+
+    def read_strip(y0: int, rows: int):
+        return image[:, y0:y0 + rows], None if valid is None else valid[y0:y0 + rows]
+
+    for row in iter_window_rows(read_strip, plan, mean, std, batch_size, prefetch=False):
+        for batch in row.batches():
+            _accumulate(acc, cnt, predictor(batch.tensor), batch.windows, 0)
     block = RowBlock(acc, cnt, valid)
     return block.logits(), block.classes()
 
@@ -283,3 +372,74 @@ def load_job_model(model, window: Optional[int], stride: Optional[int], rep, unt
     stride = int(min(inference["stride"], window) if stride is None else stride)
     validate_window(window, stride)
     return lm, window, stride
+
+
+def check_inference_args(window: Optional[int], stride: Optional[int], batch_size: Optional[int]) -> None:
+    """Fail at once, before the raster or the model is opened, on a window/stride/batch size given wrong.
+
+    A window or stride left out is checked with the default model's (:data:`DEFAULT_INFERENCE`).
+
+    Raises:
+        InputError: see :func:`validate_window`; ``batch_size`` under 1 or not an int.
+    """
+    if window is not None or stride is not None:
+        default_stride = DEFAULT_INFERENCE["stride"]
+        validate_window(window if window is not None else DEFAULT_INFERENCE["window"],
+                        stride if stride is not None else min(default_stride, window or default_stride))
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
+@dataclass
+class InferenceJob:
+    """What a sliding-window job runs on (:func:`open_inference`).
+
+    Attributes:
+        ds: the GDAL dataset; path: its name as given. lm: the LoadedModel. device: the torch device.
+        window, stride: pixels. bands: 1-based input bands in the model's order. batch: windows per
+        forward pass. plan: the raster's :class:`SlidePlan`.
+    """
+
+    ds: object
+    path: object
+    lm: object
+    device: torch.device
+    window: int
+    stride: int
+    bands: List[int]
+    batch: int
+    plan: SlidePlan
+
+    @property
+    def input(self) -> dict:
+        """The model header's ``input`` (bands, scaling, value_range, mean, std)."""
+        return self.lm.header["input"]
+
+    def strip_reader(self, rep):
+        """The raster's :class:`core.geo.raster.StripReader` with the model's scaling (its notes logged)."""
+        from core.geo.raster import StripReader, compute_scaling
+
+        inp = self.input
+        scaling = compute_scaling(self.ds, self.bands, inp["scaling"], inp["value_range"])
+        for note in scaling.notes:
+            rep.log("scaling: " + note)
+        return StripReader(self.ds, self.bands, scaling)
+
+
+def open_inference(ds, path, model, *, window: Optional[int], stride: Optional[int], batch_size: Optional[int],
+                   device: str, bands: Optional[Sequence[int]], rep, untrained_note: str) -> InferenceJob:
+    """The preamble of a sliding-window job on an opened raster ``ds`` (named ``path`` in messages): the
+    device, the model and its window/stride (:func:`load_job_model`), the bands, the batch size (the
+    device's default when None) and the slide plan.
+
+    Raises:
+        InputError: an unusable device, bands or window/stride; ModelFileError: an unusable model file.
+    """
+    from core.geo.raster import select_bands
+
+    dev = resolve_device(device)
+    lm, window, stride = load_job_model(model, window, stride, rep, untrained_note)
+    band_list = select_bands(ds, path, bands, lm.header["input"]["bands"])
+    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
+    plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
+    return InferenceJob(ds, path, lm, dev, window, stride, band_list, batch, plan)

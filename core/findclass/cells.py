@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
 from core.errors import InputError
 from core.findclass.params import CELL, FEATURE_SPACES
+from core.model.modelfile import DEFAULT_INFERENCE
+from core.windows import StripRow, iter_window_rows
 
 
 # -- the cell grid ---------------------------------------------------------------------------------------
@@ -90,57 +91,6 @@ class FeatureRunner:
         return {"fused": fused, "z": z}
 
 
-def _iter_windows(read_strip, plan, runner: FeatureRunner, mean, std, batch_size: int,
-                  want: Optional[Callable] = None, prefetch: bool = True, progress=None) -> Iterator[tuple]:
-    """Windows of ``plan`` strip by strip, as :func:`core.windows.stream_segmentation` reads them.
-
-    Yields ``("window", y, valid_strip, windows, feats)`` per batch (``feats`` from ``runner``) and
-    ``("row_done", y, next_y)`` after each row of windows. ``want(window) -> bool`` skips windows.
-    Entirely-nodata windows are skipped.
-    """
-    from core.windows import _active, _batched, _window_tensor
-
-    ys = plan.ys
-    total = max(1, plan.n_windows)
-    done = 0
-    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
-    try:
-        rows_needed = [y for y in ys if want is None or any(want(w) for w in plan.row(y))]
-        needed = set(rows_needed)
-        pending = pool.submit(read_strip, rows_needed[0], plan.win_h) if pool and rows_needed else None
-        k = 0
-        for r, y in enumerate(ys):
-            next_y = ys[r + 1] if r + 1 < len(ys) else plan.height
-            row = plan.row(y)
-            if y not in needed:
-                done += len(row)
-                if progress:
-                    progress(done / total)
-                yield ("row_done", y, next_y)
-                continue
-            if pool:
-                data, valid = pending.result()
-                k += 1
-                if k < len(rows_needed):
-                    pending = pool.submit(read_strip, rows_needed[k], plan.win_h)
-            else:
-                data, valid = read_strip(y, plan.win_h)
-            active = _active(row, valid, y)
-            if want is not None:
-                active = [w for w in active if want(w)]
-            for chunk in _batched(active, batch_size):
-                feats = runner(_window_tensor(data, valid, chunk, y, plan.window, mean, std))
-                yield ("window", y, valid, chunk, feats)
-            done += len(row)
-            if progress:
-                progress(done / total)
-            yield ("row_done", y, next_y)
-            del data, valid
-    finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _sample(feat: torch.Tensor, w, cy: np.ndarray, cx: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
     """grid_sample coordinates (align_corners=False) in a window's feature map (C, hf, wf) of pixel
     centres ``cx`` (columns) and ``cy`` (rows) of the raster; feature i's centre is window pixel 4i + 1.5."""
@@ -175,74 +125,164 @@ def _valid_cells(valid: Optional[np.ndarray], y0: int, cy: np.ndarray, cx: np.nd
     return valid[np.ix_(rows, cols)]
 
 
+class _SupportSums:
+    """The running sums of :func:`sample_cell_features`: per support cell the z and fused features and the
+    windows that saw it, and the background sum of z over every valid cell of the windows run."""
+
+    def __init__(self, grid: CellGrid, cells: np.ndarray, extra_windows: Sequence[Tuple[int, int]]):
+        self.grid = grid
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
+        self.M = len(cells)
+        self.pcy, self.pcx = grid.cy[cells[:, 0]], grid.cx[cells[:, 1]]
+        self.extra = {(int(x), int(y)) for x, y in extra_windows}
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.count = np.zeros(self.M, dtype=np.int64)
+        self.bg_sum, self.bg_n, self.n_windows = None, 0, 0
+
+    def inside(self, w) -> np.ndarray:
+        """bool (M,): the cells whose centre lies in window ``w``."""
+        pcy, pcx = self.pcy, self.pcx
+        return (pcy >= w.y) & (pcy < w.y + w.h) & (pcx >= w.x) & (pcx < w.x + w.w)
+
+    def want(self, w) -> bool:
+        """A window to run: an extra (background) window, or one holding a support cell's centre."""
+        return (w.x, w.y) in self.extra or (self.M > 0 and bool(self.inside(w).any()))
+
+    def add(self, w, y0: int, valid: Optional[np.ndarray], feats: Dict[str, torch.Tensor]) -> None:
+        """Add window ``w``'s feature maps ``{"z": (C', hf, wf), "fused": (256, hf, wf)}`` (its strip
+        starts at row ``y0``; ``valid`` bool (rows, W) or None)."""
+        grid = self.grid
+        self.n_windows += 1
+        r0, r1, c0, c1 = grid.block(w.x, w.y, w.w, w.h)
+        zb = _grid_block(feats["z"], w, grid.cy[r0:r1], grid.cx[c0:c1])
+        vb = _valid_cells(valid, y0, grid.cy[r0:r1], grid.cx[c0:c1])
+        flat = zb.flatten(1)
+        if vb is not None:
+            flat = flat[:, torch.from_numpy(vb.ravel()).to(flat.device)]
+        s = flat.sum(1).cpu()
+        self.bg_sum = s if self.bg_sum is None else self.bg_sum + s
+        self.bg_n += flat.shape[1]
+        sel = np.nonzero(self.inside(w))[0] if self.M else np.zeros(0, np.int64)
+        if len(sel):
+            if valid is not None:
+                ok = valid[np.floor(self.pcy[sel]).astype(np.int64) - y0, np.floor(self.pcx[sel]).astype(np.int64)]
+                sel = sel[ok]
+            if not len(sel):
+                return
+            for key in ("z", "fused"):
+                v = _grid_points(feats[key], w, self.pcy[sel], self.pcx[sel]).cpu()
+                if key not in self.sums:
+                    self.sums[key] = torch.zeros((self.M, v.shape[1]), dtype=torch.float32)
+                self.sums[key][torch.from_numpy(sel)] += v  # sel holds distinct cells
+            self.count[sel] += 1
+
+    def result(self) -> dict:
+        """The means: see :func:`sample_cell_features`."""
+        out = {"count": self.count, "windows": self.n_windows}
+        for key in ("z", "fused"):
+            s = self.sums.get(key)
+            if s is None:
+                out[key] = torch.zeros((self.M, 0))
+            else:
+                out[key] = s / torch.from_numpy(np.maximum(self.count, 1)).float()[:, None]
+        out["background_z"] = None if self.bg_sum is None else self.bg_sum / max(1, self.bg_n)
+        return out
+
+
+def _run_windows(read_strip, plan, runner: FeatureRunner, mean, std, batch_size: int,
+                 on_window: Callable[[StripRow, object, Dict[str, torch.Tensor]], None],
+                 on_row: Optional[Callable[[StripRow], None]] = None, want: Optional[Callable] = None,
+                 prefetch: bool = True, progress=None) -> None:
+    """Run ``runner`` on the windows of :func:`core.windows.iter_window_rows`, row by row.
+
+    Calls ``on_window(row, window, {"z": (C', hf, wf), "fused": (256, hf, wf)})`` per window run (one
+    batch's features on the device at a time), then ``progress(share of the plan's windows passed)`` and
+    ``on_row(row)`` after each row of windows (rows with no window run included).
+    """
+    total = max(1, plan.n_windows)
+    done = 0
+    with contextlib.closing(iter_window_rows(read_strip, plan, mean, std, batch_size, want, prefetch)) as rows:
+        for row in rows:
+            for batch in row.batches():
+                feats = runner(batch.tensor)
+                for i, w in enumerate(batch.windows):
+                    on_window(row, w, {k: v[i] for k, v in feats.items()})
+            done += len(row.windows)
+            if progress:
+                progress(done / total)
+            if on_row is not None:
+                on_row(row)
+
+
 def sample_cell_features(read_strip, plan, grid: CellGrid, runner: FeatureRunner, mean, std, batch_size: int,
                          cells: np.ndarray, extra_windows: Sequence[Tuple[int, int]] = (), prefetch: bool = True,
                          progress=None) -> dict:
     """Features of the given cells, averaged over the windows whose area holds each cell's centre.
 
+    Only the windows holding a cell's centre, and ``extra_windows``, are run (rows with none are not read).
+
     Args:
         read_strip: ``(y0, rows) -> (data (n, rows, W), valid (rows, W) or None)`` (a
             :class:`core.geo.raster.StripReader`'s ``read``, or an in-memory slice).
         plan: :class:`core.windows.SlidePlan`; grid: the raster's :class:`CellGrid`.
-        cells: int (M, 2) cell (row, col) indices.
+        runner: the network's :class:`FeatureRunner`. mean, std: the model's normalisation.
+        batch_size: windows per forward pass. cells: int (M, 2) cell (row, col) indices.
         extra_windows: ``(x, y)`` offsets of further windows of ``plan`` to run for the background mean.
+        prefetch: read the next strip in a background thread. progress: called with the share done.
 
     Returns:
         ``{"z": float32 (M, C') mean features (not normalised), "fused": float32 (M, 256),
         "count": int (M,) windows that saw each cell (0: none, e.g. nodata), "background_z": float32
         (C',) mean of z over every valid cell of the windows run, "windows": n}``.
     """
-    cells = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
-    M = len(cells)
-    pcy, pcx = grid.cy[cells[:, 0]], grid.cx[cells[:, 1]]
-    extra = {(int(x), int(y)) for x, y in extra_windows}
+    sums = _SupportSums(grid, cells, extra_windows)
 
-    def inside(w):
-        return (pcy >= w.y) & (pcy < w.y + w.h) & (pcx >= w.x) & (pcx < w.x + w.w)
+    def on_window(row: StripRow, w, feats: Dict[str, torch.Tensor]) -> None:
+        sums.add(w, row.y, row.valid, feats)
 
-    def want(w):
-        return (w.x, w.y) in extra or (M > 0 and bool(inside(w).any()))
+    _run_windows(read_strip, plan, runner, mean, std, batch_size, on_window, want=sums.want, prefetch=prefetch,
+                 progress=progress)
+    return sums.result()
 
-    sums = {}
-    count = np.zeros(M, dtype=np.int64)
-    bg_sum, bg_n, n_windows = None, 0, 0
-    for ev in _iter_windows(read_strip, plan, runner, mean, std, batch_size, want, prefetch, progress):
-        if ev[0] != "window":
-            continue
-        _, y0, valid, chunk, feats = ev
-        for i, w in enumerate(chunk):
-            n_windows += 1
-            r0, r1, c0, c1 = grid.block(w.x, w.y, w.w, w.h)
-            zb = _grid_block(feats["z"][i], w, grid.cy[r0:r1], grid.cx[c0:c1])
-            vb = _valid_cells(valid, y0, grid.cy[r0:r1], grid.cx[c0:c1])
-            flat = zb.flatten(1)
-            if vb is not None:
-                flat = flat[:, torch.from_numpy(vb.ravel()).to(flat.device)]
-            s = flat.sum(1).cpu()
-            bg_sum = s if bg_sum is None else bg_sum + s
-            bg_n += flat.shape[1]
-            sel = np.nonzero(inside(w))[0] if M else np.zeros(0, np.int64)
-            if len(sel):
-                if valid is not None:
-                    ok = valid[np.floor(pcy[sel]).astype(np.int64) - y0, np.floor(pcx[sel]).astype(np.int64)]
-                    sel = sel[ok]
-                if not len(sel):
-                    continue
-                for key in ("z", "fused"):
-                    v = _grid_points(feats[key][i], w, pcy[sel], pcx[sel]).cpu()
-                    if key not in sums:
-                        sums[key] = torch.zeros((M, v.shape[1]), dtype=torch.float32)
-                    sums[key][torch.from_numpy(sel)] += v  # sel holds distinct cells
-                count[sel] += 1
-    out = {"count": count, "windows": n_windows}
-    for key in ("z", "fused"):
-        s = sums.get(key)
-        if s is None:
-            out[key] = torch.zeros((M, 0))
+
+class _CellRows:
+    """The bounded accumulator of :func:`stream_cell_maps`: sums and counts of ``channels`` per-cell maps
+    for the cell rows in flight, float64 (channels, rows, cols) and (rows, cols), from cell row ``first``."""
+
+    def __init__(self, grid: CellGrid, channels: int, rows: int):
+        self.grid, self.nb, self.first = grid, rows, 0
+        self.acc = np.zeros((channels, rows, grid.cols), dtype=np.float64)
+        self.cnt = np.zeros((rows, grid.cols), dtype=np.float64)
+
+    def add(self, w, r0: int, r1: int, c0: int, c1: int, vals: np.ndarray, vb: Optional[np.ndarray]) -> None:
+        """Add window ``w``'s maps (channels, r1-r0, c1-c0) of cells [r0, r1) x [c0, c1); ``vb`` bool
+        (r1-r0, c1-c0) valid cells, or None (all valid)."""
+        a, b = r0 - self.first, r1 - self.first
+        if a < 0 or b > self.nb:  # cannot happen with plan's windows; guard against misuse
+            raise RuntimeError(f"window at y={w.y} covers cell rows {r0}..{r1} outside the buffer")
+        if vb is None:
+            self.acc[:, a:b, c0:c1] += vals
+            self.cnt[a:b, c0:c1] += 1.0
         else:
-            out[key] = s / torch.from_numpy(np.maximum(count, 1)).float()[:, None]
-    out["background_z"] = None if bg_sum is None else bg_sum / max(1, bg_n)
-    return out
+            self.acc[:, a:b, c0:c1] += np.where(vb[None], vals, 0.0)
+            self.cnt[a:b, c0:c1] += vb
+
+    def finish(self, r_done: int, on_rows: Callable[[int, np.ndarray], None]) -> None:
+        """Hand the averaged cell rows before ``r_done`` to ``on_rows(r0, maps)`` (NaN where never seen)
+        and move the rest of the buffer up."""
+        acc, cnt, nb = self.acc, self.cnt, self.nb
+        n = r_done - self.first
+        if n <= 0:
+            return
+        with np.errstate(invalid="ignore", divide="ignore"):
+            maps = (acc[:, :n] / cnt[:n]).astype(np.float32)
+        maps[:, cnt[:n] == 0] = np.nan
+        on_rows(self.first, maps)
+        acc[:, :nb - n] = acc[:, n:].copy()
+        cnt[:nb - n] = cnt[n:].copy()
+        acc[:, nb - n:] = 0.0
+        cnt[nb - n:] = 0.0
+        self.first = r_done
 
 
 def stream_cell_maps(read_strip, plan, grid: CellGrid, runner: FeatureRunner, mean, std, batch_size: int,
@@ -259,52 +299,31 @@ def stream_cell_maps(read_strip, plan, grid: CellGrid, runner: FeatureRunner, me
     Returns:
         ``{"windows": n run, "seconds": forward-and-map time}``.
     """
-    nb = plan.win_h // CELL + 3
-    acc = np.zeros((channels, nb, grid.cols), dtype=np.float64)
-    cnt = np.zeros((nb, grid.cols), dtype=np.float64)
-    r_first = 0
+    buf = _CellRows(grid, channels, plan.win_h // CELL + 3)
     n_windows = 0
     t0 = time.perf_counter()
-    for ev in _iter_windows(read_strip, plan, runner, mean, std, batch_size, None, prefetch, progress):
-        if ev[0] == "window":
-            _, y0, valid, chunk, feats = ev
-            for i, w in enumerate(chunk):
-                n_windows += 1
-                r0, r1, c0, c1 = grid.block(w.x, w.y, w.w, w.h)
-                if r1 <= r0 or c1 <= c0:
-                    continue
-                block = {k: _grid_block(v[i], w, grid.cy[r0:r1], grid.cx[c0:c1]) for k, v in feats.items()}
-                vals = cell_fn(block).float().cpu().numpy()
-                vb = _valid_cells(valid, y0, grid.cy[r0:r1], grid.cx[c0:c1])
-                a, b = r0 - r_first, r1 - r_first
-                if a < 0 or b > nb:  # cannot happen with plan's windows; guard against misuse
-                    raise RuntimeError(f"window at y={w.y} covers cell rows {r0}..{r1} outside the buffer")
-                if vb is None:
-                    acc[:, a:b, c0:c1] += vals
-                    cnt[a:b, c0:c1] += 1.0
-                else:
-                    acc[:, a:b, c0:c1] += np.where(vb[None], vals, 0.0)
-                    cnt[a:b, c0:c1] += vb
-            continue
-        _, y, next_y = ev
-        r_done = grid.rows if next_y >= plan.height else int(np.searchsorted(grid.cy, next_y, "left"))
-        n = r_done - r_first
-        if n <= 0:
-            continue
-        with np.errstate(invalid="ignore", divide="ignore"):
-            maps = (acc[:, :n] / cnt[:n]).astype(np.float32)
-        maps[:, cnt[:n] == 0] = np.nan
-        on_rows(r_first, maps)
-        acc[:, :nb - n] = acc[:, n:].copy()
-        cnt[:nb - n] = cnt[n:].copy()
-        acc[:, nb - n:] = 0.0
-        cnt[nb - n:] = 0.0
-        r_first = r_done
+
+    def on_window(row: StripRow, w, feats: Dict[str, torch.Tensor]) -> None:
+        nonlocal n_windows
+        n_windows += 1
+        r0, r1, c0, c1 = grid.block(w.x, w.y, w.w, w.h)
+        if r1 <= r0 or c1 <= c0:
+            return
+        block = {k: _grid_block(v, w, grid.cy[r0:r1], grid.cx[c0:c1]) for k, v in feats.items()}
+        vals = cell_fn(block).float().cpu().numpy()
+        buf.add(w, r0, r1, c0, c1, vals, _valid_cells(row.valid, row.y, grid.cy[r0:r1], grid.cx[c0:c1]))
+
+    def on_row(row: StripRow) -> None:
+        last = row.next_y >= plan.height
+        buf.finish(grid.rows if last else int(np.searchsorted(grid.cy, row.next_y, "left")), on_rows)
+
+    _run_windows(read_strip, plan, runner, mean, std, batch_size, on_window, on_row, prefetch=prefetch,
+                 progress=progress)
     return {"windows": n_windows, "seconds": time.perf_counter() - t0}
 
 
-def image_cell_features(image: np.ndarray, model: torch.nn.Module, mean, std, *, window: int = 512,
-                        stride: int = 341, batch_size: int = 2, device: str = "cpu", features: str = "fused",
+def image_cell_features(image: np.ndarray, model: torch.nn.Module, mean, std, *,
+                        window: int = DEFAULT_INFERENCE["window"], stride: int = DEFAULT_INFERENCE["stride"], batch_size: int = 2, device: str = "cpu", features: str = "fused",
                         valid: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
     """Every cell's features of an in-memory image (for the benchmark and tests; memory grows with it).
 

@@ -9,12 +9,13 @@ HELP = "segment a raster into a class raster"
 def add_segment_arguments(seg) -> None:
     """Arguments of ``python -m core segment INPUT OUTPUT``."""
     from core.cli import int_arg
+    from core.model.modelfile import DEFAULT_INFERENCE
 
     seg.add_argument("input", help="input raster (any format GDAL reads)")
     seg.add_argument("output", help="output class raster (GeoTIFF, uint8, 255 = nodata)")
     seg.add_argument("--model", default=None, help="model file (default: the embedded default model)")
-    seg.add_argument("--window", type=int_arg("--window"), default=None, help="window (tile) size in pixels (default: the model's, 512)")
-    seg.add_argument("--stride", type=int_arg("--stride"), default=None, help="stride in pixels (default: the model's, 341)")
+    seg.add_argument("--window", type=int_arg("--window"), default=None, help=f"window (tile) size in pixels (default: the model's, {DEFAULT_INFERENCE['window']})")
+    seg.add_argument("--stride", type=int_arg("--stride"), default=None, help=f"stride in pixels (default: the model's, {DEFAULT_INFERENCE['stride']})")
     seg.add_argument("--batch-size", type=int_arg("--batch-size"), default=None, help="windows per forward pass")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     seg.add_argument("--bands", default=None, help="1-based input bands in the model's order, e.g. 3,2,1; one band is replicated")

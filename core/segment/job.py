@@ -19,8 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from core.errors import InputError
-from core.device import DEFAULT_BATCH, resolve_device
-from core.windows import RowBlock, SlidePlan, WindowPredictor, load_job_model, stream_segmentation, validate_window
+from core.windows import RowBlock, WindowPredictor, check_inference_args, open_inference, stream_segmentation
 GDAL_CACHE_BYTES = 64 * 1024 * 1024  # a row of 256-px output tiles at 16k width is 4 MiB per band
 PROBABILITY_SCALE = 250  # uint8 probability = round(p * 250); 255 = nodata; GDAL scale 1/250
 
@@ -60,10 +59,12 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     Args:
         input_path: any raster GDAL reads. output_path: the class GeoTIFF to write (uint8, 255 nodata).
         model: a ``.srmf`` path or a :class:`~core.model.modelfile.LoadedModel`; ``None`` = the embedded default.
-        window, stride: pixels (default: the model's, 512 and 341). batch_size: windows per forward.
+        window, stride: pixels (default: the model header's inference window and stride).
+        batch_size: windows per forward (default: the device's, :data:`core.device.DEFAULT_BATCH`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. bands: 1-based input bands in the model's order.
         probabilities: optional path of a per-class probability GeoTIFF (uint8, p·250, nodata 255).
         overwrite: replace existing outputs. reporter: a :class:`~core.protocol.Reporter`.
+        prefetch: read the next strip while the current one is computed.
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -74,8 +75,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     from osgeo import gdal
 
     from core.protocol import Reporter
-    from core.geo.raster import (AtomicGeoTIFF, StripReader, check_output_path, compute_scaling, crs_label,
-                                 open_raster, pixel_size_m, resolution_warning, select_bands, style_class_band)
+    from core.geo.raster import open_raster, pixel_size_m, resolution_warning
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -84,93 +84,112 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     if gdal.GetCacheMax() > GDAL_CACHE_BYTES:
         gdal.SetCacheMax(GDAL_CACHE_BYTES)
     # Parameters first: a wrong value fails at once, before the model or the raster is opened.
-    if window is not None or stride is not None:
-        validate_window(window if window is not None else 512,
-                        stride if stride is not None else min(341, window or 341))
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
-    out = check_output_path(output_path, overwrite)
-    prob = check_output_path(probabilities, overwrite, "probabilities") if probabilities else None
-    if Path(input_path).resolve() in {out.resolve(), prob.resolve() if prob else None}:
-        raise InputError(f"The output {output_path} would overwrite the input raster")
-    if prob is not None and prob.resolve() == out.resolve():
-        raise InputError("--probabilities must differ from the output path")
+    check_inference_args(window, stride, batch_size)
+    out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
     ds = open_raster(input_path)
-    dev = resolve_device(device)
-    lm, window, stride = load_job_model(model, window, stride, rep,
-                                        "its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
-    header = lm.header
-    inp = header["input"]
-    band_list = select_bands(ds, input_path, bands, inp["bands"])
-    scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
-    for note in scaling.notes:
-        rep.log("scaling: " + note)
-    gsd_note = resolution_warning(pixel_size_m(ds), header.get("gsd_m"))
+    job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
+                         device=device, bands=bands, rep=rep,
+                         untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
+    reader = job.strip_reader(rep)
+    gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
     if gsd_note:
         rep.log(gsd_note, "warning")
-    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
-    reader = StripReader(ds, band_list, scaling)
-    plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
-    classes = lm.classes
-    K = lm.num_classes
-    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {band_list}, "
-            f"{plan.n_windows} windows of {window} px (stride {stride}), model {lm.path.name} "
-            f"({header['architecture']['backbone']}, {K} classes) on {dev}"
+    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {job.bands}, "
+            f"{job.plan.n_windows} windows of {job.window} px (stride {job.stride}), model {job.lm.path.name} "
+            f"({job.lm.header['architecture']['backbone']}, {job.lm.num_classes} classes) on {job.device}"
             + (f", nodata masked" if reader.masked else ""))
-    predictor = WindowPredictor(lm.model, dev)
+    predictor = WindowPredictor(job.lm.model, job.device)
     counts = np.zeros(256, dtype=np.int64)
     outputs = []
     try:
-        cls_out = AtomicGeoTIFF(out, ds, 1)
-        outputs.append(cls_out)
-        style_class_band(cls_out.band(1), classes)
-        prob_out = None
-        if prob is not None:
-            prob_out = AtomicGeoTIFF(prob, ds, K)
-            outputs.append(prob_out)
-            for c in classes:
-                b = prob_out.band(int(c["id"]) + 1)
-                b.SetDescription(f"probability of {c['name']}")
-                b.SetNoDataValue(255)
-                b.SetScale(1.0 / PROBABILITY_SCALE)
-                b.SetOffset(0.0)
-
-        def on_rows(y0: int, block: RowBlock) -> None:
-            cls = block.classes()
-            arr = cls.cpu().numpy()
-            cls_out.band(1).WriteArray(arr, 0, y0)
-            counts[:] += np.bincount(arr.ravel(), minlength=256)
-            if prob_out is not None:
-                p = torch.softmax(torch.nan_to_num(block.logits(), nan=0.0), dim=0)
-                q = torch.round(p * PROBABILITY_SCALE).to(torch.uint8)
-                q[:, cls == 255] = 255
-                q = q.cpu().numpy()
-                for k in range(K):
-                    prob_out.band(k + 1).WriteArray(q[k], 0, y0)
-
-        stats = stream_segmentation(reader.read, plan, predictor, K, inp["mean"], inp["std"], batch,
-                                    on_rows, progress=lambda f: rep.progress(f, "segmenting"),
-                                    prefetch=prefetch)
+        cls_out, prob_out = _open_outputs(out, prob, ds, job.lm.classes, job.lm.num_classes, outputs)
+        inp = job.input
+        stats = stream_segmentation(reader.read, job.plan, predictor, job.lm.num_classes, inp["mean"], inp["std"],
+                                    job.batch, _row_writer(cls_out, prob_out, counts, job.lm.num_classes),
+                                    progress=lambda f: rep.progress(f, "segmenting"), prefetch=prefetch)
         for o in outputs:
             o.commit()
     except BaseException:
         for o in outputs:
             o.discard()
         raise
-    areas, area_note = class_areas(ds, counts, classes)
+    return _result(job, out, prob, counts, stats, rep, t_start)
+
+
+def _check_outputs(input_path, output_path, probabilities, overwrite: bool) -> Tuple[Path, Optional[Path]]:
+    """The class and probability output paths, checked (writable, not the input, not each other)."""
+    from core.geo.raster import check_output_path
+
+    out = check_output_path(output_path, overwrite)
+    prob = check_output_path(probabilities, overwrite, "probabilities") if probabilities else None
+    if Path(input_path).resolve() in {out.resolve(), prob.resolve() if prob else None}:
+        raise InputError(f"The output {output_path} would overwrite the input raster")
+    if prob is not None and prob.resolve() == out.resolve():
+        raise InputError("--probabilities must differ from the output path")
+    return out, prob
+
+
+def _open_outputs(out: Path, prob: Optional[Path], ds, classes: Sequence[dict], K: int, outputs: list):
+    """The class GeoTIFF (styled) and the optional probability GeoTIFF (K bands, p·250), written under
+    temporary names; each is appended to ``outputs`` as soon as it exists. Returns ``(cls_out, prob_out)``."""
+    from core.geo.raster import AtomicGeoTIFF, style_class_band
+
+    cls_out = AtomicGeoTIFF(out, ds, 1)
+    outputs.append(cls_out)
+    style_class_band(cls_out.band(1), classes)
+    prob_out = None
+    if prob is not None:
+        prob_out = AtomicGeoTIFF(prob, ds, K)
+        outputs.append(prob_out)
+        for c in classes:
+            b = prob_out.band(int(c["id"]) + 1)
+            b.SetDescription(f"probability of {c['name']}")
+            b.SetNoDataValue(255)
+            b.SetScale(1.0 / PROBABILITY_SCALE)
+            b.SetOffset(0.0)
+    return cls_out, prob_out
+
+
+def _row_writer(cls_out, prob_out, counts: np.ndarray, K: int):
+    """The ``on_rows`` of :func:`~core.windows.stream_segmentation`: writes the finished rows' classes
+    (and probabilities) and adds their class pixel counts to ``counts`` (int64 (256,))."""
+
+    def on_rows(y0: int, block: RowBlock) -> None:
+        cls = block.classes()
+        arr = cls.cpu().numpy()
+        cls_out.band(1).WriteArray(arr, 0, y0)
+        counts[:] += np.bincount(arr.ravel(), minlength=256)
+        if prob_out is not None:
+            p = torch.softmax(torch.nan_to_num(block.logits(), nan=0.0), dim=0)
+            q = torch.round(p * PROBABILITY_SCALE).to(torch.uint8)
+            q[:, cls == 255] = 255
+            q = q.cpu().numpy()
+            for k in range(K):
+                prob_out.band(k + 1).WriteArray(q[k], 0, y0)
+
+    return on_rows
+
+
+def _result(job, out: Path, prob: Optional[Path], counts: np.ndarray, stats: dict, rep, t_start: float) -> dict:
+    """The JSON-able result of :func:`segment_raster` (class areas logged when they have a note); timed
+    from ``t_start`` (``time.perf_counter()``)."""
+    from core.geo.raster import crs_label
+
+    ds, lm = job.ds, job.lm
+    areas, area_note = class_areas(ds, counts, lm.classes)
     if area_note:
         rep.log("areas: " + area_note)
     seconds = time.perf_counter() - t_start
     mp = ds.RasterXSize * ds.RasterYSize / 1e6
     srs = ds.GetSpatialRef()
-    result = {
+    return {
         "output": str(out), "probabilities": str(prob) if prob else None,
         "model": str(lm.path), "untrained_model": lm.untrained,
         "width": ds.RasterXSize, "height": ds.RasterYSize,
         "crs": crs_label(srs),
-        "bands": band_list, "window": window, "stride": stride, "device": str(dev), "batch_size": batch,
-        "classes": [{"id": int(c["id"]), "name": c["name"], "colour": c.get("colour")} for c in classes],
+        "bands": job.bands, "window": job.window, "stride": job.stride, "device": str(job.device),
+        "batch_size": job.batch,
+        "classes": [{"id": int(c["id"]), "name": c["name"], "colour": c.get("colour")} for c in lm.classes],
         "class_areas": areas, "area_note": area_note, "nodata_pixels": int(counts[255]),
         **stats, "seconds": round(seconds, 3), "megapixels_per_second": round(mp / max(seconds, 1e-9), 3),
     }
-    return result
