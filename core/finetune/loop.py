@@ -173,164 +173,240 @@ def train_loop(model: nn.Module, class_names: Sequence[str], sampler, val_images
 
     Returns:
         :class:`TrainResult`.
-    """
-    from core.protocol import Reporter
 
-    rep = reporter or Reporter()
-    dist_info = dist_info or DistInfo()
-    K = len(class_names)
-    model.to(device).train()
-    net = model
-    if dist_info.enabled:
+    Raises:
+        Cancelled: ``stop_after`` reached. InputError: the sampler gives no training crop.
+    """
+    trainer = Trainer(model, class_names, sampler, val_images, config, mean, std, device, work_dir, on_best,
+                      reporter=reporter, resume=resume, dist_info=dist_info)
+    return trainer.run(stop_after)
+
+
+class Trainer:
+    """One fine-tuning run (see :func:`train_loop`, its entry): the set-up in the constructor (network,
+    optimiser, mixed precision, state or checkpoint, contrastive option), then :meth:`run` repeats
+    :meth:`step` (one optimiser step) with :meth:`validate` and :meth:`checkpoint` at their intervals.
+    ``state`` is what a checkpoint keeps (iteration, best mIoU, history, seconds)."""
+
+    def __init__(self, model: nn.Module, class_names: Sequence[str], sampler, val_images: Sequence,
+                 config: TrainConfig, mean, std, device: torch.device, work_dir: Path,
+                 on_best: Callable[[nn.Module, dict], None], reporter=None, resume: bool = False,
+                 dist_info: Optional[DistInfo] = None):
+        from core.protocol import Reporter
+
+        self.rep = reporter or Reporter()
+        self.dist_info = dist_info or DistInfo()
+        self.model, self.class_names, self.sampler, self.val_images = model, class_names, sampler, val_images
+        self.config, self.mean, self.std, self.device, self.on_best = config, mean, std, device, on_best
+        self.K = len(class_names)
+        model.to(device).train()
+        self.net = self._parallel(model)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
+                                           lr=config.lr, weight_decay=config.weight_decay)
+        self.amp_dtype, self.scaler = self._precision()
+        self.mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = work_dir / "checkpoint.safetensors"
+        self.state = {"iteration": 0, "best_miou": None, "best_iteration": None, "best_per_class": {},
+                      "history": [], "first_loss": None, "seconds": 0.0}
+        if resume:
+            self.state = load_checkpoint(self.ckpt, model, self.optimizer, self.scaler)
+            self.rep.log(f"resumed from {self.ckpt} at iteration {self.state['iteration']}")
+        self.warmup = config.warmup()
+        self.window, self.stride = config.inference_window()
+        self.t0 = time.perf_counter() - self.state.get("seconds", 0.0)
+        self.losses: List[float] = []
+        self.contrast = self.capture = None
+        self.contrast_values: List[float] = []
+        if config.contrastive_weight > 0:
+            self._contrastive(resume)
+        self.micro = max(1, config.batch_size // max(1, config.accumulate))
+        self.it = self.state["iteration"]
+        if device.type == "cpu":
+            tune_cpu_allocator()
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        """The module to run forward: ``model``, or its DistributedDataParallel wrapper under torchrun."""
+        if not self.dist_info.enabled:
+            return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            net = DDP(net, device_ids=[device.index])
-        else:
-            net = DDP(model)
-    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    cuda = device.type == "cuda"
-    amp_dtype = None
-    if cuda and config.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = work_dir / "checkpoint.safetensors"
-    state = {"iteration": 0, "best_miou": None, "best_iteration": None, "best_per_class": {}, "history": [],
-             "first_loss": None, "seconds": 0.0}
-    if resume:
-        state = load_checkpoint(ckpt, model, optimizer, scaler)
-        rep.log(f"resumed from {ckpt} at iteration {state['iteration']}")
-    warmup = config.warmup()
-    window, stride = config.inference_window()
-    t0 = time.perf_counter() - state.get("seconds", 0.0)
-    losses: List[float] = []
-    contrast = capture = None
-    contrast_values: List[float] = []
-    if config.contrastive_weight > 0:
+            return DDP(net, device_ids=[self.device.index])
+        return DDP(model)
+
+    def _precision(self):
+        """``(autocast dtype or None, GradScaler or None)``: bf16, else fp16 with a scaler, on CUDA with amp."""
+        amp_dtype = None
+        if self.device.type == "cuda" and self.config.amp:
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        return amp_dtype, scaler
+
+    def _contrastive(self, resume: bool) -> None:
+        """The opt-in contrastive regulariser and the hook that captures the fused features."""
         from core.finetune.contrastive import ContrastiveRegulariser, FeatureCapture
 
-        contrast = ContrastiveRegulariser(K, config.contrastive_weight, config.contrastive_temperature,
-                                          config.contrastive_anchors, config.contrastive_queue)
-        capture = FeatureCapture(model.head.fusion)  # its output is the fused map G (B, 256, h, w)
-        rep.log(f"contrastive regularisation on: weight {config.contrastive_weight}, temperature "
-                f"{config.contrastive_temperature}, {config.contrastive_anchors} anchors per class"
-                + (f", queue {config.contrastive_queue} per class" if config.contrastive_queue else ""))
+        config = self.config
+        self.contrast = ContrastiveRegulariser(self.K, config.contrastive_weight, config.contrastive_temperature,
+                                               config.contrastive_anchors, config.contrastive_queue)
+        self.capture = FeatureCapture(self.model.head.fusion)  # its output is the fused map G (B, 256, h, w)
+        self.rep.log(f"contrastive regularisation on: weight {config.contrastive_weight}, temperature "
+                     f"{config.contrastive_temperature}, {config.contrastive_anchors} anchors per class"
+                     + (f", queue {config.contrastive_queue} per class" if config.contrastive_queue else ""))
         if resume:  # the queue is part of the checkpoint, so a resumed run continues exactly
-            contrast.load_queue_state(load_checkpoint_extra(ckpt, "contrastive."), device)
-    micro = max(1, config.batch_size // max(1, config.accumulate))
-    it = state["iteration"]
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    while it < config.iterations:
-        factor = lr_factor(it, config.iterations, warmup, config.poly_power)
-        if config.max_seconds is not None and it >= warmup:
-            elapsed = time.perf_counter() - t0
-            if state.get("warmup_end_seconds") is None:
-                state["warmup_end_seconds"] = elapsed
-                rep.log(f"time budget {config.max_seconds:.0f} s: the learning rate decays to 0 by the end of the "
-                        f"budget or at iteration {config.iterations}, whichever comes first")
-            factor = min(factor, time_budget_factor(elapsed, config.max_seconds, state["warmup_end_seconds"],
+            self.contrast.load_queue_state(load_checkpoint_extra(self.ckpt, "contrastive."), self.device)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, stop_after: Optional[int] = None) -> TrainResult:
+        """Train to ``config.iterations`` (or the time budget); see :func:`train_loop`."""
+        config = self.config
+        while self.it < config.iterations:
+            loss_sum, contrast_sum = self.step()
+            self._record(loss_sum, contrast_sum)
+            out_of_time = config.max_seconds is not None and time.perf_counter() - self.t0 >= config.max_seconds
+            if out_of_time:
+                self.rep.log(f"the time budget of {config.max_seconds:.0f} s is spent: stopping at iteration {self.it}")
+            last = self.it == config.iterations or out_of_time
+            if self.val_images and (self.it % config.eval_interval == 0 or last):
+                self.validate()
+            if self.it % config.checkpoint_interval == 0 or last:
+                self.checkpoint()
+            if stop_after is not None and self.it >= stop_after:
+                raise Cancelled(f"stopped after iteration {self.it} (stop_after)")
+            if out_of_time:
+                break
+        if not self.val_images and self.dist_info.is_main:
+            self.on_best(self.model, {"iteration": self.it, "note": "no validation data: the last iteration's model"})
+        return TrainResult(iterations=self.it, best_iteration=self.state["best_iteration"],
+                           best_miou=self.state["best_miou"], per_class_iou=self.state["best_per_class"],
+                           history=self.state["history"], seconds=time.perf_counter() - self.t0,
+                           first_loss=self.state["first_loss"],
+                           last_loss=self.losses[-1] if self.losses else None)
+
+    def _lr_factor(self) -> float:
+        """The schedule's multiplier at this iteration (and the time budget's, when one is set)."""
+        config, it = self.config, self.it
+        factor = lr_factor(it, config.iterations, self.warmup, config.poly_power)
+        if config.max_seconds is not None and it >= self.warmup:
+            elapsed = time.perf_counter() - self.t0
+            if self.state.get("warmup_end_seconds") is None:
+                self.state["warmup_end_seconds"] = elapsed
+                self.rep.log(f"time budget {config.max_seconds:.0f} s: the learning rate decays to 0 by the end of "
+                             f"the budget or at iteration {config.iterations}, whichever comes first")
+            factor = min(factor, time_budget_factor(elapsed, config.max_seconds, self.state["warmup_end_seconds"],
                                                     config.poly_power))
+        return factor
+
+    def step(self) -> Tuple[float, float]:
+        """One optimiser step over ``accumulate`` micro-batches; ``(loss, contrastive term)`` summed over them."""
+        config, optimizer = self.config, self.optimizer
+        factor = self._lr_factor()
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
-        rng = np.random.default_rng([config.seed, it, dist_info.rank])
+        rng = np.random.default_rng([config.seed, self.it, self.dist_info.rank])
         torch.manual_seed(int(rng.integers(2 ** 62)))
         loss_sum = 0.0
         contrast_sum = 0.0
-        for step in range(config.accumulate):
-            imgs, labels = sampler.batch(rng, micro)
-            x = torch.from_numpy(np.ascontiguousarray(imgs)).to(device, non_blocking=True)
-            y = torch.from_numpy(np.ascontiguousarray(labels)).to(device, non_blocking=True).long()
-            x = (x - mean_t) / std_t
-            ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else _null()
-            with ctx, (capture if capture is not None else _null()):
-                logits = net(x)
-                fused = capture.output if capture is not None else None
-            logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-            if (y != IGNORE).any():
-                loss = F.cross_entropy(logits, y, ignore_index=IGNORE) / config.accumulate
-            else:  # an all-ignore batch: keep the graph (DDP needs every rank to backward) with zero loss
-                loss = logits.sum() * 0.0
-            if contrast is not None:
-                # anchors from their own generator: the sampler's stream is the plain loop's
-                gen = torch.Generator().manual_seed(
-                    int(np.random.default_rng([config.seed, it, dist_info.rank, step, 2308]).integers(2 ** 62)))
-                loss = loss + contrast(fused, y, gen) / config.accumulate
-                contrast_sum += contrast.last["loss"] / config.accumulate
-            if scaler is not None:
-                scaler.scale(loss).backward()
+        for micro_step in range(config.accumulate):
+            loss, contrast_part = self._micro_batch(rng, micro_step)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
             else:
                 loss.backward()
             loss_sum += float(loss.detach())
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+            contrast_sum += contrast_part
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
         else:
             optimizer.step()
-        it += 1
-        losses.append(loss_sum)
-        if contrast is not None:
-            contrast_values.append(contrast_sum)
-        if state["first_loss"] is None:
-            state["first_loss"] = loss_sum
+        return loss_sum, contrast_sum
+
+    def _micro_batch(self, rng: np.random.Generator, micro_step: int):
+        """Forward one micro-batch of ``micro`` crops → ``(loss tensor / accumulate, contrastive term)``."""
+        config, capture, device = self.config, self.capture, self.device
+        imgs, labels = self.sampler.batch(rng, self.micro)
+        x = torch.from_numpy(np.ascontiguousarray(imgs)).to(device, non_blocking=True)
+        y = torch.from_numpy(np.ascontiguousarray(labels)).to(device, non_blocking=True).long()
+        x = (x - self.mean_t) / self.std_t
+        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else _null()
+        with ctx, (capture if capture is not None else _null()):
+            logits = self.net(x)
+            fused = capture.output if capture is not None else None
+        logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        if (y != IGNORE).any():
+            loss = F.cross_entropy(logits, y, ignore_index=IGNORE) / config.accumulate
+        else:  # an all-ignore batch: keep the graph (DDP needs every rank to backward) with zero loss
+            loss = logits.sum() * 0.0
+        contrast_part = 0.0
+        if self.contrast is not None:
+            # anchors from their own generator: the sampler's stream is the plain loop's
+            gen = torch.Generator().manual_seed(int(np.random.default_rng(
+                [config.seed, self.it, self.dist_info.rank, micro_step, 2308]).integers(2 ** 62)))
+            loss = loss + self.contrast(fused, y, gen) / config.accumulate
+            contrast_part = self.contrast.last["loss"] / config.accumulate
+        return loss, contrast_part
+
+    def _record(self, loss_sum: float, contrast_sum: float) -> None:
+        """Count the step; report progress, and the mean loss every ``log_interval`` iterations."""
+        config = self.config
+        self.it += 1
+        it = self.it
+        self.losses.append(loss_sum)
+        if self.contrast is not None:
+            self.contrast_values.append(contrast_sum)
+        if self.state["first_loss"] is None:
+            self.state["first_loss"] = loss_sum
         done = it / config.iterations
         if config.max_seconds is not None:
-            done = max(done, (time.perf_counter() - t0) / config.max_seconds)
-        rep.progress(min(1.0, done), "fine-tuning")
+            done = max(done, (time.perf_counter() - self.t0) / config.max_seconds)
+        self.rep.progress(min(1.0, done), "fine-tuning")
         if it % config.log_interval == 0 or it == config.iterations:
-            recent = float(np.mean(losses[-config.log_interval:]))
-            payload = {"iteration": it, "loss": recent, "lr": optimizer.param_groups[0]["lr"]}
+            recent = float(np.mean(self.losses[-config.log_interval:]))
+            payload = {"iteration": it, "loss": recent, "lr": self.optimizer.param_groups[0]["lr"]}
             text = f"iteration {it}/{config.iterations}: loss {recent:.4f}"
-            if contrast is not None:  # the unweighted InfoNCE term (the loss above includes weight x it)
-                payload["contrastive"] = float(np.mean(contrast_values[-config.log_interval:]))
+            if self.contrast is not None:  # the unweighted InfoNCE term (the loss above includes weight x it)
+                payload["contrastive"] = float(np.mean(self.contrast_values[-config.log_interval:]))
                 text += f" (contrastive {payload['contrastive']:.4f})"
-            rep.metrics(payload, text=text)
-            state["history"].append({k: v for k, v in payload.items() if k != "lr"})
-        out_of_time = config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
-        if out_of_time:
-            rep.log(f"the time budget of {config.max_seconds:.0f} s is spent: stopping at iteration {it}")
-        evaluate_now = val_images and (it % config.eval_interval == 0 or it == config.iterations or out_of_time)
-        if evaluate_now:
-            if dist_info.is_main:
-                cm = validate(model, val_images, K, mean, std, device, window, stride)
-                iou = iou_from_confusion(cm)
-                miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
-                per_class = {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(class_names, iou)}
-                oa = float(np.trace(cm) / max(1, cm.sum()))
-                rep.metrics({"iteration": it, "miou": round(miou, 4), "overall_accuracy": round(oa, 4),
-                             "per_class_iou": per_class},
-                            text=f"validation at {it}: mIoU {miou:.4f}, OA {oa:.4f}; "
-                                 + ", ".join(f"{n} {v if v is not None else 'n/a'}" for n, v in per_class.items()))
-                state["history"].append({"iteration": it, "miou": miou, "per_class_iou": per_class})
-                if state["best_miou"] is None or miou > state["best_miou"]:
-                    state.update(best_miou=miou, best_iteration=it, best_per_class=per_class)
-                    on_best(model, {"miou": round(miou, 4), "overall_accuracy": round(oa, 4),
-                                    "per_class_iou": per_class, "iteration": it,
-                                    "confusion_matrix": cm.tolist()})
-            _barrier(dist_info)
-        if it % config.checkpoint_interval == 0 or it == config.iterations or out_of_time:
-            state["iteration"] = it
-            state["seconds"] = time.perf_counter() - t0
-            if dist_info.is_main:
-                extra = {f"contrastive.{k}": v for k, v in contrast.queue_state().items()} if contrast else None
-                save_checkpoint(ckpt, model, optimizer, state, scaler, extra)
-            _barrier(dist_info)
-        if stop_after is not None and it >= stop_after:
-            raise Cancelled(f"stopped after iteration {it} (stop_after)")
-        if out_of_time:
-            break
-    if not val_images and dist_info.is_main:
-        on_best(model, {"iteration": it, "note": "no validation data: the last iteration's model"})
-    return TrainResult(iterations=it, best_iteration=state["best_iteration"], best_miou=state["best_miou"],
-                       per_class_iou=state["best_per_class"], history=state["history"],
-                       seconds=time.perf_counter() - t0, first_loss=state["first_loss"],
-                       last_loss=losses[-1] if losses else None)
+            self.rep.metrics(payload, text=text)
+            self.state["history"].append({k: v for k, v in payload.items() if k != "lr"})
+
+    def validate(self) -> None:
+        """On rank 0: validation mIoU on the held-out images, reported; ``on_best`` when it improves."""
+        it, state = self.it, self.state
+        if self.dist_info.is_main:
+            cm = validate(self.model, self.val_images, self.K, self.mean, self.std, self.device, self.window,
+                          self.stride)
+            iou = iou_from_confusion(cm)
+            miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+            per_class = {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(self.class_names, iou)}
+            oa = float(np.trace(cm) / max(1, cm.sum()))
+            self.rep.metrics({"iteration": it, "miou": round(miou, 4), "overall_accuracy": round(oa, 4),
+                              "per_class_iou": per_class},
+                             text=f"validation at {it}: mIoU {miou:.4f}, OA {oa:.4f}; "
+                                  + ", ".join(f"{n} {v if v is not None else 'n/a'}" for n, v in per_class.items()))
+            state["history"].append({"iteration": it, "miou": miou, "per_class_iou": per_class})
+            if state["best_miou"] is None or miou > state["best_miou"]:
+                state.update(best_miou=miou, best_iteration=it, best_per_class=per_class)
+                self.on_best(self.model, {"miou": round(miou, 4), "overall_accuracy": round(oa, 4),
+                                          "per_class_iou": per_class, "iteration": it,
+                                          "confusion_matrix": cm.tolist()})
+        _barrier(self.dist_info)
+
+    def checkpoint(self) -> None:
+        """Save the model, optimiser, state (and the contrastive queue) on rank 0, atomically."""
+        self.state["iteration"] = self.it
+        self.state["seconds"] = time.perf_counter() - self.t0
+        if self.dist_info.is_main:
+            contrast = self.contrast
+            extra = {f"contrastive.{k}": v for k, v in contrast.queue_state().items()} if contrast else None
+            save_checkpoint(self.ckpt, self.model, self.optimizer, self.state, self.scaler, extra)
+        _barrier(self.dist_info)
 
 
 class _null:
