@@ -138,14 +138,12 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
     Raises:
         InputError: bad input, before anything is written.
     """
-    from core.model.adapt import adapt_classes
     from core.classtable import normalise_class_table
-    from core.model.modelfile import DEFAULT_MODEL_PATH, load_model, save_model
+    from core.model.modelfile import DEFAULT_MODEL_PATH, load_model
     from core.protocol import Reporter
     from core.geo.raster import check_output_path
-    from core.finetune.sampler import TrainingSampler
     from core.device import resolve_device
-    from core.finetune.loop import SampleBatcher, train_loop
+    from core.finetune.loop import train_loop
     from core.finetune.config import TrainConfig
     from core.finetune.distributed import init_distributed
 
@@ -160,19 +158,68 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
     if not resume:
         check_output_path(out, overwrite, "output model")
     classes = normalise_class_table(classes)
-    if not images:
-        raise InputError("No training data: give at least one labelled raster")
-    labelled = sum(int((im.label != 255).sum()) for im in images)
-    if labelled == 0:
-        raise InputError("The labels hold no labelled pixel (all are nodata/ignore)")
+    _check_labelled(images)
     # a LoadedModel, or (for a network built from scratch) any object with the base ``header``
     lm = base_model if hasattr(base_model, "header") else load_model(base_model or DEFAULT_MODEL_PATH)
     header = lm.header
+    train_imgs, val_imgs, split_note = _held_out(images, val_images, val_share, val_groups, config, rep)
+    counts = _class_counts(train_imgs, classes, rep)
+    mean, std = header["input"]["mean"], header["input"]["std"]
+    model, new_header, report = _initial_model(lm, classes, train_imgs, config, architecture, text_encoder)
+    _log_class_changes(report, rep)
+    sampler = _sampler(train_imgs, len(classes), config)
+    work = out.with_name(out.name + ".work")
+    best_path = work / "best.srmf"
+    names = [c["name"] for c in classes]
+    provenance = _provenance(
+        config, architecture=architecture, base_name=str(getattr(lm, "path", "base model")),
+        training_data=list(data_description or [im.name for im in images]), split_note=split_note,
+        val_imgs=val_imgs, dev=dev, world_size=dist_info.world_size, report=report,
+        pixels={n: int(v) for n, v in zip(names, counts)})
+    on_best = _best_model_writer(best_path, new_header, config, provenance)
+    import torch
+
+    torch.manual_seed(config.seed)
+    result = train_loop(model, names, sampler, val_imgs, config, mean, std, dev, work, on_best, reporter=rep,
+                        resume=resume, dist_info=dist_info, stop_after=stop_after)
+    payload = _payload(result, classes, report, dev, split_note)
+    if dist_info.is_main:
+        _publish(best_path, out, work, keep_work_dir)
+        payload["output"] = str(out)
+    return payload
+
+
+def _held_out(images: Sequence, val_images: Optional[Sequence], val_share: float,
+              val_groups: Optional[Sequence[str]], config, rep) -> Tuple[list, list, str]:
+    """``(train, val, description)``: the separate validation images, else :func:`split_validation`'s."""
     if val_images is not None:
         train_imgs, val_imgs, split_note = list(images), list(val_images), "separate validation rasters"
     else:
         train_imgs, val_imgs, split_note = split_validation(images, val_share, val_groups, config.seed, config.crop)
     rep.log(f"training on {len(train_imgs)} image(s), validating on {len(val_imgs)} ({split_note})")
+    return train_imgs, val_imgs, split_note
+
+
+def _payload(result, classes: Sequence[dict], report: dict, dev, split_note: str) -> dict:
+    """The result dict of :func:`finetune` (without ``output``) from the loop's :class:`TrainResult`."""
+    return {"iterations": result.iterations, "best_iteration": result.best_iteration,
+            "metrics": {"miou": result.best_miou, "per_class_iou": result.per_class_iou},
+            "classes": [{k: c[k] for k in ("id", "name", "colour", "prompt")} for c in classes],
+            "class_changes": report, "first_loss": result.first_loss, "last_loss": result.last_loss,
+            "seconds": round(result.seconds, 1), "device": str(dev), "validation": split_note}
+
+
+def _check_labelled(images: Sequence) -> None:
+    """Raises InputError: no image, or no labelled pixel (all 255) in any of them."""
+    if not images:
+        raise InputError("No training data: give at least one labelled raster")
+    labelled = sum(int((im.label != 255).sum()) for im in images)
+    if labelled == 0:
+        raise InputError("The labels hold no labelled pixel (all are nodata/ignore)")
+
+
+def _class_counts(train_imgs: Sequence, classes: Sequence[dict], rep) -> np.ndarray:
+    """Training pixels per class, int64 (K,), logged; a warning names the classes with none."""
     counts = np.zeros(len(classes), dtype=np.int64)
     for im in train_imgs:
         counts += np.bincount(im.label[im.label != 255].ravel(), minlength=len(classes))[:len(classes)]
@@ -180,7 +227,17 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
     absent = [c["name"] for c, n in zip(classes, counts) if n == 0]
     if absent:
         rep.warning(f"no training pixels for class(es) {', '.join(absent)}: the model cannot learn them")
+    return counts
 
+
+def _initial_model(lm, classes: Sequence[dict], train_imgs: Sequence, config, architecture: Optional[dict],
+                   text_encoder):
+    """The network training starts from → ``(model, header, class-change report)``: a fresh one for
+    ``architecture``, else the base model's with its head adapted to ``classes`` (new classes start
+    from their mean fused feature in the training images)."""
+    from core.model.adapt import adapt_classes
+
+    header = lm.header
     mean, std = header["input"]["mean"], header["input"]["std"]
     if architecture is not None:
         import torch
@@ -188,48 +245,65 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         torch.manual_seed(config.seed)  # the fresh head's initialisation is part of the recipe
         model, new_header = _fresh_model(architecture, classes, header, text_encoder)
         report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
-    else:
-        base_ids = {str(c["name"]).lower() for c in lm.classes}
-        new_names = [c for c in classes if c.get("from") is None and c["name"].lower() not in base_ids]
-        init = {}
-        if new_names:
-            # the base model's fused features equal the adapted model's (new fusion inputs start at zero)
-            feats = mean_class_features(lm.model, train_imgs, [int(c["id"]) for c in new_names], mean, std, seed=config.seed)
-            init = {c["name"]: feats[int(c["id"])] for c in new_names if int(c["id"]) in feats}
-        model, new_header, report = adapt_classes(lm.model, header, classes, text_encoder=text_encoder,
-                                                  init_features=init)
+        return model, new_header, report
+    base_ids = {str(c["name"]).lower() for c in lm.classes}
+    new_names = [c for c in classes if c.get("from") is None and c["name"].lower() not in base_ids]
+    init = {}
+    if new_names:
+        # the base model's fused features equal the adapted model's (new fusion inputs start at zero)
+        feats = mean_class_features(lm.model, train_imgs, [int(c["id"]) for c in new_names], mean, std, seed=config.seed)
+        init = {c["name"]: feats[int(c["id"])] for c in new_names if int(c["id"]) in feats}
+    return adapt_classes(lm.model, header, classes, text_encoder=text_encoder, init_features=init)
+
+
+def _log_class_changes(report: dict, rep) -> None:
     for k in ("kept", "renamed", "dropped", "added"):
         if report[k]:
             rep.log(f"classes {k}: {', '.join(report[k])}")
 
-    sampler = SampleBatcher(TrainingSampler(train_imgs, len(classes), crop=config.crop, seed=config.seed,
-                                            mars=config.mars, srr=config.srr, srr_k=config.srr_k,
-                                            cache_dir=region_cache_dir()))
-    work = out.with_name(out.name + ".work")
-    best_path = work / "best.srmf"
-    names = [c["name"] for c in classes]
-    t_start = _dt.datetime.now(_dt.timezone.utc)
-    base_name = str(getattr(lm, "path", "base model"))
+
+def _sampler(train_imgs: Sequence, num_classes: int, config):
+    """Batches of MARS + SRR-TA crops of the training images (SRR-TA's regions cached on disk)."""
+    from core.finetune.loop import SampleBatcher
+    from core.finetune.sampler import TrainingSampler
+
+    return SampleBatcher(TrainingSampler(train_imgs, num_classes, crop=config.crop, seed=config.seed,
+                                         mars=config.mars, srr=config.srr, srr_k=config.srr_k,
+                                         cache_dir=region_cache_dir()))
+
+
+def _provenance(config, *, architecture, base_name: str, training_data: List[str], split_note: str, val_imgs,
+                dev, world_size: int, report: dict, pixels: Dict[str, int]):
+    """``provenance(metrics) -> dict``: the model header's provenance for the best model so far (the
+    start time is taken now)."""
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    loss = "cross-entropy, ignore 255" + (
+        f" + {config.contrastive_weight} x class-balanced InfoNCE on the fused features "
+        f"(temperature {config.contrastive_temperature})" if config.contrastive_weight > 0 else "")
 
     def provenance(metrics: dict) -> dict:
         return {
             "untrained": False,
             "base_model": None if architecture is not None else Path(base_name).name,
             "architecture_from_scratch": architecture,
-            "training_data": list(data_description or [im.name for im in images]),
+            "training_data": training_data,
             "validation": split_note,
             "validation_images": [im.name for im in val_imgs],
             "recipe": {**asdict(config), "warmup": config.warmup(), "optimizer": "AdamW",
-                       "schedule": "linear warm-up then poly(1.0)",
-                       "loss": "cross-entropy, ignore 255" + (
-                           f" + {config.contrastive_weight} x class-balanced InfoNCE on the fused features "
-                           f"(temperature {config.contrastive_temperature})" if config.contrastive_weight > 0 else "")},
-            "device": str(dev), "world_size": dist_info.world_size,
-            "started": t_start.isoformat(timespec="seconds"),
+                       "schedule": "linear warm-up then poly(1.0)", "loss": loss},
+            "device": str(dev), "world_size": world_size,
+            "started": started,
             "best_iteration": metrics.get("iteration"),
             "class_changes": report,
-            "training_pixels_per_class": {n: int(v) for n, v in zip(names, counts)},
+            "training_pixels_per_class": pixels,
         }
+
+    return provenance
+
+
+def _best_model_writer(best_path: Path, new_header: dict, config, provenance):
+    """``on_best(model, metrics)``: write the model with its metrics, provenance and inference window."""
+    from core.model.modelfile import save_model
 
     def on_best(m, metrics: dict) -> None:
         h = dict(new_header)
@@ -243,24 +317,17 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         h.pop("format_version", None)
         save_model(best_path, m, h)
 
-    import torch
+    return on_best
 
-    torch.manual_seed(config.seed)
-    result = train_loop(model, names, sampler, val_imgs, config, mean, std, dev, work, on_best, reporter=rep,
-                        resume=resume, dist_info=dist_info, stop_after=stop_after)
-    payload = {"iterations": result.iterations, "best_iteration": result.best_iteration,
-               "metrics": {"miou": result.best_miou, "per_class_iou": result.per_class_iou},
-               "classes": [{k: c[k] for k in ("id", "name", "colour", "prompt")} for c in classes],
-               "class_changes": report, "first_loss": result.first_loss, "last_loss": result.last_loss,
-               "seconds": round(result.seconds, 1), "device": str(dev), "validation": split_note}
-    if dist_info.is_main:
-        if not best_path.exists():
-            raise InputError("training produced no model (no validation improvement was recorded)")
-        os.replace(best_path, out)
-        if not keep_work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-        payload["output"] = str(out)
-    return payload
+
+def _publish(best_path: Path, out: Path, work: Path, keep_work_dir: bool) -> None:
+    """Move the best model to ``out`` and remove the work folder (unless kept).
+    Raises InputError: no model was written."""
+    if not best_path.exists():
+        raise InputError("training produced no model (no validation improvement was recorded)")
+    os.replace(best_path, out)
+    if not keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def region_cache_dir() -> Path:

@@ -86,20 +86,7 @@ def find_anchor(label: np.ndarray, rng: np.random.Generator, crop: int = 512, ma
         notes.append(f"the label has {len(present)} class{'es' if len(present) != 1 else ''} (255 ignored): no crop "
                      f"can meet the anchor constraints; a random crop is used")
         return (x0, y0, x0 + crop, y0 + crop), False, 1, notes
-    m = max(1, crop // f)                       # window side in probe cells
-    ny = (H - crop) // f + 1                    # probe positions whose crop fits
-    nx = (W - crop) // f + 1
-    h, w = sub.shape
-    if h < m + ny - 1 or w < m + nx - 1:        # pad the probe grid (label 255) so every window has m cells
-        sub = np.pad(sub, ((0, max(0, m + ny - 1 - h)), (0, max(0, m + nx - 1 - w))), constant_values=IGNORE)
-    sat = np.zeros((len(present), sub.shape[0] + 1, sub.shape[1] + 1), np.int32)
-    for j, c in enumerate(present):
-        sat[j, 1:, 1:] = np.cumsum(np.cumsum(sub == c, axis=0, dtype=np.int32), axis=1, dtype=np.int32)
-    win = sat[:, m:m + ny, m:m + nx] - sat[:, :ny, m:m + nx] - sat[:, m:m + ny, :nx] + sat[:, :ny, :nx]
-    lab = win.sum(axis=0)
-    n = (win > 0).sum(axis=0)
-    share = win.max(axis=0) / np.maximum(lab, 1)
-    frac = lab / float(m * m)
+    n, share, frac, lab, nx = _probe_windows(sub, present, H, W, crop, f)
     ok = (n >= min_classes) & (share < max_share) & (frac >= min_labelled)
     cand = np.flatnonzero(ok)
     tries = 0
@@ -120,6 +107,27 @@ def find_anchor(label: np.ndarray, rng: np.random.Generator, crop: int = 512, ma
                  f">= {min_labelled:.0%} labelled)" + (f" in {tries} checks" if tries else "") +
                  "; the best-scoring crop is used")
     return (x0, y0, x0 + crop, y0 + crop), False, tries, notes
+
+
+def _probe_windows(sub: np.ndarray, present: np.ndarray, H: int, W: int, crop: int, f: int):
+    """Statistics of every crop position on the ``f``-subsampled label ``sub`` (per-class summed-area
+    tables): ``(classes present, largest share, labelled fraction, labelled probe cells, nx)``, each
+    (ny, nx) over the positions ``(row * f, col * f)`` whose crop fits in (H, W)."""
+    m = max(1, crop // f)                       # window side in probe cells
+    ny = (H - crop) // f + 1                    # probe positions whose crop fits
+    nx = (W - crop) // f + 1
+    h, w = sub.shape
+    if h < m + ny - 1 or w < m + nx - 1:        # pad the probe grid (label 255) so every window has m cells
+        sub = np.pad(sub, ((0, max(0, m + ny - 1 - h)), (0, max(0, m + nx - 1 - w))), constant_values=IGNORE)
+    sat = np.zeros((len(present), sub.shape[0] + 1, sub.shape[1] + 1), np.int32)
+    for j, c in enumerate(present):
+        sat[j, 1:, 1:] = np.cumsum(np.cumsum(sub == c, axis=0, dtype=np.int32), axis=1, dtype=np.int32)
+    win = sat[:, m:m + ny, m:m + nx] - sat[:, :ny, m:m + nx] - sat[:, m:m + ny, :nx] + sat[:, :ny, :nx]
+    lab = win.sum(axis=0)
+    n = (win > 0).sum(axis=0)
+    share = win.max(axis=0) / np.maximum(lab, 1)
+    frac = lab / float(m * m)
+    return n, share, frac, lab, nx
 
 
 def context_window(anchor: Box, k: int, shape: Tuple[int, int], crop: int, rng: np.random.Generator) -> ContextWindow:

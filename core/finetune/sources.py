@@ -114,8 +114,27 @@ def _expand_palette(idx: np.ndarray, ct: gdal.ColorTable) -> np.ndarray:
 def _label_from_raster(label_ds: gdal.Dataset, label_path, like: gdal.Dataset, like_path, classes: ClassTable,
                        label_band: int) -> Tuple[np.ndarray, dict]:
     """Class ids uint8 (H, W) on ``like``'s grid from a class raster (colour-coded or values)."""
-    n = label_ds.RasterCount
     colour = classes.kind == "rgb"
+    src_bands, ct = _label_bands(label_ds, label_path, colour, label_band)
+    nodata = label_ds.GetRasterBand(src_bands[0]).GetNoDataValue()
+    info: Dict[str, Any] = {"label": str(label_path), "label_bands": src_bands, "label_nodata": nodata}
+    arrays, covered = _label_on_grid(label_ds, label_path, like, like_path, src_bands, info)
+    if colour:
+        ids = _ids_from_colours(arrays, covered, ct, nodata, classes, label_path)
+    else:
+        arr = arrays[0]
+        if covered is not None:
+            ids = np.full(arr.shape, IGNORE, np.uint8)
+            ids[covered] = classes.map_values(arr[covered], nodata, where=f"{label_path} band {src_bands[0]}")
+        else:
+            ids = classes.map_values(arr, nodata, where=f"{label_path} band {src_bands[0]}")
+    return ids, info
+
+
+def _label_bands(label_ds: gdal.Dataset, label_path, colour: bool, label_band: int):
+    """``(bands to read, colour table or None)`` of a class raster: RGB bands or a palette band for a
+    colour-coded table, else ``label_band``. Raises InputError: the raster does not fit the table."""
+    n = label_ds.RasterCount
     first = label_ds.GetRasterBand(1)
     ct = first.GetColorTable() if n == 1 else None
     if colour:
@@ -134,8 +153,14 @@ def _label_from_raster(label_ds: gdal.Dataset, label_path, like: gdal.Dataset, l
             raise InputError(f"{label_path}: the label raster is RGB (colour-coded) but the class table gives plain "
                              "values; give each class its mask colour as value \"#RRGGBB\"")
         src_bands = [label_band]
-    nodata = label_ds.GetRasterBand(src_bands[0]).GetNoDataValue()
-    info: Dict[str, Any] = {"label": str(label_path), "label_bands": src_bands, "label_nodata": nodata}
+    return src_bands, ct
+
+
+def _label_on_grid(label_ds: gdal.Dataset, label_path, like: gdal.Dataset, like_path, src_bands: List[int],
+                   info: dict):
+    """``(arrays, covered)``: the label's bands on ``like``'s grid — resampled (nearest) when both have a
+    CRS and the grids differ (``covered``: bool (H, W), where the label has data), else read as they are
+    (same size; ``covered`` None). Raises InputError: no overlap, or other sizes and no CRS."""
     W, H = like.RasterXSize, like.RasterYSize
     size_same = (label_ds.RasterXSize, label_ds.RasterYSize) == (W, H)
     if _has_crs(like) and _has_crs(label_ds) and not _same_grid(like, label_ds):
@@ -168,34 +193,31 @@ def _label_from_raster(label_ds: gdal.Dataset, label_path, like: gdal.Dataset, l
                          f"({W}x{H} px): mismatched sizes and no CRS to align them"
                          f" ({'neither file has' if not (_has_crs(like) or _has_crs(label_ds)) else 'one file has no'} "
                          "coordinate reference system)")
-    if colour:
-        if len(src_bands) == 1:
-            idx = arrays[0]
-            rgb = _expand_palette(idx, ct)
-            nd_mask = (idx == nodata) if nodata is not None else None
-        else:
-            rgb = np.stack(arrays).astype(np.uint8)
-            nd_mask = None
-            if nodata is not None:
-                nd_mask = np.all(np.stack(arrays) == nodata, axis=0)
-        if nd_mask is not None or covered is not None:
-            skip = np.zeros(rgb.shape[1:], bool) if nd_mask is None else nd_mask
-            if covered is not None:
-                skip |= ~covered
-            # Map only labelled pixels (nodata colours may be outside the table).
-            ids = np.full(rgb.shape[1:], IGNORE, np.uint8)
-            keep = ~skip
-            ids[keep] = classes.map_rgb(rgb[:, keep][:, :, None], f"{label_path}", channels_first=True)[:, 0]
-        else:
-            ids = classes.map_rgb(rgb, f"{label_path}", channels_first=True)
+    return arrays, covered
+
+
+def _ids_from_colours(arrays, covered, ct, nodata, classes: ClassTable, label_path) -> np.ndarray:
+    """Class ids uint8 (H, W) of a colour-coded label (RGB bands, or one palette band with ``ct``);
+    nodata and uncovered pixels → 255. Raises InputError: a colour not in the class table."""
+    if len(arrays) == 1:
+        idx = arrays[0]
+        rgb = _expand_palette(idx, ct)
+        nd_mask = (idx == nodata) if nodata is not None else None
     else:
-        arr = arrays[0]
+        rgb = np.stack(arrays).astype(np.uint8)
+        nd_mask = None
+        if nodata is not None:
+            nd_mask = np.all(np.stack(arrays) == nodata, axis=0)
+    if nd_mask is not None or covered is not None:
+        skip = np.zeros(rgb.shape[1:], bool) if nd_mask is None else nd_mask
         if covered is not None:
-            ids = np.full(arr.shape, IGNORE, np.uint8)
-            ids[covered] = classes.map_values(arr[covered], nodata, where=f"{label_path} band {src_bands[0]}")
-        else:
-            ids = classes.map_values(arr, nodata, where=f"{label_path} band {src_bands[0]}")
-    return ids, info
+            skip |= ~covered
+        # Map only labelled pixels (nodata colours may be outside the table).
+        ids = np.full(rgb.shape[1:], IGNORE, np.uint8)
+        keep = ~skip
+        ids[keep] = classes.map_rgb(rgb[:, keep][:, :, None], f"{label_path}", channels_first=True)[:, 0]
+        return ids
+    return classes.map_rgb(rgb, f"{label_path}", channels_first=True)
 
 
 def _finish(name: str, image: np.ndarray, valid: Optional[np.ndarray], label: np.ndarray, group: str,
@@ -283,6 +305,21 @@ def rasterize_polygons(vector, field_name: str, classes, like: gdal.Dataset, lik
     if src_srs is not None and dst_srs is not None and not src_srs.IsSame(dst_srs):
         ct = osr.CoordinateTransformation(src_srs, dst_srs)
         info["reprojected"] = "polygons reprojected to the raster's CRS (OGR)"
+    mem, mlyr = _class_id_layer(lyr, field_name, classes, ct, dst_srs, vector, info)  # mem owns mlyr: keep it
+    label = _burn(mlyr, like, bg, all_touched)
+    burnt = int((label != bg).sum()) if bg != IGNORE else int((label != IGNORE).sum())
+    if burnt == 0:
+        raise InputError(_no_overlap_message(mlyr, lyr, like, vector, like_path))
+    info["labelled_px"] = int((label != IGNORE).sum())
+    vds = None
+    return label, info
+
+
+def _class_id_layer(lyr, field_name: str, classes: ClassTable, ct, dst_srs, vector, info: dict):
+    """``(datasource, layer)`` in memory: the features of ``lyr`` with a geometry and a class, reprojected
+    by ``ct`` (or not, when None), with their class id in field ``srmf_id``; features without geometry
+    or with a null class are counted in ``info``. Keep the datasource referenced while the layer is used.
+    Raises InputError: field values not in the class table (listed with feature counts)."""
     mem = ogr.GetDriverByName("Memory").CreateDataSource("srmf_labels")
     mlyr = mem.CreateLayer("labels", srs=dst_srs, geom_type=ogr.wkbUnknown)
     mlyr.CreateField(ogr.FieldDefn("srmf_id", ogr.OFTInteger))
@@ -318,6 +355,11 @@ def rasterize_polygons(vector, field_name: str, classes, like: gdal.Dataset, lik
         info["features_with_null_class"] = nulls
     if no_geom:
         info["features_without_geometry"] = no_geom
+    return mem, mlyr
+
+
+def _burn(mlyr, like: gdal.Dataset, bg: int, all_touched: bool) -> np.ndarray:
+    """uint8 (H, W) on ``like``'s grid: ``bg``, then each feature's ``srmf_id`` (later features win)."""
     W, H = like.RasterXSize, like.RasterYSize
     dst = gdal.GetDriverByName("MEM").Create("", W, H, 1, gdal.GDT_Byte)
     dst.SetGeoTransform(like.GetGeoTransform())
@@ -331,17 +373,18 @@ def rasterize_polygons(vector, field_name: str, classes, like: gdal.Dataset, lik
     label = band.ReadAsArray()
     band = None
     dst = None
-    burnt = int((label != bg).sum()) if bg != IGNORE else int((label != IGNORE).sum())
-    if burnt == 0:
-        ext = mlyr.GetExtent() if mlyr.GetFeatureCount() else None
-        gt = like.GetGeoTransform()
-        rext = (gt[0], gt[0] + gt[1] * W, gt[3] + gt[5] * H, gt[3])
-        raise InputError(f"{vector}: none of the {mlyr.GetFeatureCount()} polygon(s) of layer {lyr.GetName()!r} "
-                         f"falls on {like_path} (polygon extent {ext} in the raster's CRS, raster extent "
-                         f"{tuple(round(v, 6) for v in rext)}); check the layer's CRS")
-    info["labelled_px"] = int((label != IGNORE).sum())
-    vds = None
-    return label, info
+    return label
+
+
+def _no_overlap_message(mlyr, lyr, like: gdal.Dataset, vector, like_path) -> str:
+    """Why no polygon was burnt: the polygons' and the raster's extents, in the raster's CRS."""
+    W, H = like.RasterXSize, like.RasterYSize
+    ext = mlyr.GetExtent() if mlyr.GetFeatureCount() else None
+    gt = like.GetGeoTransform()
+    rext = (gt[0], gt[0] + gt[1] * W, gt[3] + gt[5] * H, gt[3])
+    return (f"{vector}: none of the {mlyr.GetFeatureCount()} polygon(s) of layer {lyr.GetName()!r} "
+            f"falls on {like_path} (polygon extent {ext} in the raster's CRS, raster extent "
+            f"{tuple(round(v, 6) for v in rext)}); check the layer's CRS")
 
 
 def load_polygon_pair(raster, vector, field_name: str, classes, *, layer: Optional[Union[str, int]] = None,

@@ -222,23 +222,10 @@ def mine_regions(labels: Sequence[np.ndarray], num_classes: int, *, purity: floa
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"srr-regions-{key[:20]}.json"
-        if cache_file.is_file():
-            try:
-                doc = json.loads(cache_file.read_text())
-                if doc.get("format") == REGION_CACHE_FORMAT and doc.get("key") == key:
-                    return RegionIndex.from_obj(doc)
-            except (OSError, ValueError, KeyError, IndexError, TypeError):
-                pass  # a damaged cache is rebuilt
-    if class_pixels is None:
-        counts = np.zeros(num_classes, np.int64)
-        for i, lab in enumerate(labs):
-            bc = np.bincount(lab.ravel(), minlength=256)
-            if bc[num_classes:IGNORE].any():
-                bad = np.flatnonzero(bc[num_classes:IGNORE]) + num_classes
-                raise InputError(f"mine_regions: label {i} has class ids {bad.tolist()} >= num_classes ({num_classes})")
-            counts += bc[:num_classes]
-    else:
-        counts = np.asarray(class_pixels, np.int64)
+        cached = _cached_index(cache_file, key)
+        if cached is not None:
+            return cached
+    counts = _class_pixels(labs, num_classes) if class_pixels is None else np.asarray(class_pixels, np.int64)
     order = sorted(range(num_classes), key=lambda c: (counts[c] == 0, counts[c], c))
     rank = [0] * num_classes
     for r, c in enumerate(order):
@@ -254,13 +241,42 @@ def mine_regions(labels: Sequence[np.ndarray], num_classes: int, *, purity: floa
         per_image.append(regs[:max_per_image])
     index = RegionIndex(per_image, counts, rank, key, params)
     if cache_file is not None:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(cache_file) as tmp, open(tmp, "w") as f:
-                json.dump(index.to_obj(), f)
-        except OSError:
-            pass  # the cache is an optimisation only
+        _store_index(cache_file, index)
     return index
+
+
+def _cached_index(cache_file: Path, key: str) -> Optional[RegionIndex]:
+    """The cached :class:`RegionIndex` of ``key``, or None (no cache, another key, a damaged file)."""
+    if cache_file.is_file():
+        try:
+            doc = json.loads(cache_file.read_text())
+            if doc.get("format") == REGION_CACHE_FORMAT and doc.get("key") == key:
+                return RegionIndex.from_obj(doc)
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            pass  # a damaged cache is rebuilt
+    return None
+
+
+def _class_pixels(labs: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Pixels per class over all labels, int64 (num_classes,). Raises InputError: a class id ≥ num_classes."""
+    counts = np.zeros(num_classes, np.int64)
+    for i, lab in enumerate(labs):
+        bc = np.bincount(lab.ravel(), minlength=256)
+        if bc[num_classes:IGNORE].any():
+            bad = np.flatnonzero(bc[num_classes:IGNORE]) + num_classes
+            raise InputError(f"mine_regions: label {i} has class ids {bad.tolist()} >= num_classes ({num_classes})")
+        counts += bc[:num_classes]
+    return counts
+
+
+def _store_index(cache_file: Path, index: RegionIndex) -> None:
+    """Write the index's cache file atomically; an unwritable cache is skipped (it is an optimisation)."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache_file) as tmp, open(tmp, "w") as f:
+            json.dump(index.to_obj(), f)
+    except OSError:
+        pass  # the cache is an optimisation only
 
 
 # -- SRR-TA: online crops ------------------------------------------------------------------------------

@@ -62,15 +62,26 @@ def adapt_classes(model: SRMFNet, header: dict, new_classes: Sequence[dict], tex
     Raises:
         InputError: a bad class table; the text encoder cannot be loaded for a new prompt.
     """
-    from core.model.text.bank import build_text_bank
-    from core.model.text.encoders import get_text_encoder
-
     new_classes = normalise_class_table(new_classes)
     base_classes = sorted(header["classes"], key=lambda c: int(c["id"]))
     sources = match_classes(base_classes, new_classes)
     model = copy.deepcopy(model).cpu()
     head = model.head
     new_header = copy.deepcopy(header)
+    report = _class_changes(base_classes, new_classes, sources)
+    # 1. the text bank grows by the prompts of added classes not already in it
+    if head.text_bank is not None:
+        report["appended_prompts"] = _grow_text_bank(head, new_header, new_classes, sources, text_encoder)
+    # 2. the classifier: kept rows copied, new rows initialised
+    head.classifier = _adapted_classifier(head.classifier, new_classes, sources, init_features)
+    new_header["classes"] = [{k: v for k, v in c.items() if k in ("id", "name", "colour", "prompt")}
+                             for c in new_classes]
+    return model, new_header, report
+
+
+def _class_changes(base_classes: Sequence[dict], new_classes: Sequence[dict], sources) -> dict:
+    """``{"kept", "renamed", "dropped", "added": [names], "appended_prompts": []}`` of a class mapping
+    (``sources[i]``: the base class index new class ``i`` continues, or None)."""
     report = {"kept": [], "renamed": [], "dropped": [], "added": [], "appended_prompts": []}
     used = {s for s in sources if s is not None}
     report["dropped"] = [c["name"] for c in base_classes if int(c["id"]) not in used]
@@ -81,27 +92,37 @@ def adapt_classes(model: SRMFNet, header: dict, new_classes: Sequence[dict], tex
             report["renamed"].append(f"{base_classes[s]['name']} -> {c['name']}")
         else:
             report["kept"].append(c["name"])
+    return report
 
-    # 1. the text bank grows by the prompts of added classes not already in it
-    if head.text_bank is not None:
-        bank_info = new_header.setdefault("text_bank", {})
-        prompts = list(bank_info.get("prompts") or [])
-        missing = [c["prompt"] for c, s in zip(new_classes, sources) if s is None and c["prompt"] not in prompts]
-        missing = list(dict.fromkeys(missing))
-        if missing:
-            enc = text_encoder or get_text_encoder((header.get("text_encoder") or {}).get("id"))
-            rows = build_text_bank(missing, enc).to(head.text_bank.dtype)
-            if rows.shape[1] != head.text_bank.shape[1]:
-                raise InputError(f"The text encoder {getattr(enc, 'encoder_id', enc)} gives D={rows.shape[1]}, "
-                                 f"the model's bank has D={head.text_bank.shape[1]}")
-            _grow_fusion(head, rows)
-            bank_info["prompts"] = prompts + missing
-            if "concepts" in bank_info:
-                bank_info["concepts"] = list(bank_info["concepts"]) + [None] * len(missing)
-            report["appended_prompts"] = missing
 
-    # 2. the classifier: kept rows copied, new rows initialised
-    old = head.classifier
+def _grow_text_bank(head, new_header: dict, new_classes: Sequence[dict], sources, text_encoder) -> List[str]:
+    """Append the prompts of added classes not yet in the bank (to the head and to ``new_header``);
+    returns them. Raises InputError: the encoder's dimension differs from the bank's."""
+    from core.model.text.bank import build_text_bank
+    from core.model.text.encoders import get_text_encoder
+
+    bank_info = new_header.setdefault("text_bank", {})
+    prompts = list(bank_info.get("prompts") or [])
+    missing = [c["prompt"] for c, s in zip(new_classes, sources) if s is None and c["prompt"] not in prompts]
+    missing = list(dict.fromkeys(missing))
+    if not missing:
+        return []
+    enc = text_encoder or get_text_encoder((new_header.get("text_encoder") or {}).get("id"))
+    rows = build_text_bank(missing, enc).to(head.text_bank.dtype)
+    if rows.shape[1] != head.text_bank.shape[1]:
+        raise InputError(f"The text encoder {getattr(enc, 'encoder_id', enc)} gives D={rows.shape[1]}, "
+                         f"the model's bank has D={head.text_bank.shape[1]}")
+    _grow_fusion(head, rows)
+    bank_info["prompts"] = prompts + missing
+    if "concepts" in bank_info:
+        bank_info["concepts"] = list(bank_info["concepts"]) + [None] * len(missing)
+    return missing
+
+
+def _adapted_classifier(old: nn.Conv2d, new_classes: Sequence[dict], sources,
+                        init_features: Optional[Dict[str, torch.Tensor]]) -> nn.Conv2d:
+    """A 1x1 classifier conv for ``new_classes``: continued classes copy their row of ``old``; added
+    classes start from their (normalised) mean feature when given, else the mean row; bias: the mean."""
     new = nn.Conv2d(old.in_channels, len(new_classes), 1)
     with torch.no_grad():
         w_old, b_old = old.weight.detach(), old.bias.detach()
@@ -119,10 +140,7 @@ def adapt_classes(model: SRMFNet, header: dict, new_classes: Sequence[dict], tex
             else:
                 new.weight[i] = w_old.mean(0)
             new.bias[i] = b_old.mean()
-    head.classifier = new
-    new_header["classes"] = [{k: v for k, v in c.items() if k in ("id", "name", "colour", "prompt")}
-                             for c in new_classes]
-    return model, new_header, report
+    return new
 
 
 def _grow_fusion(head, rows: torch.Tensor) -> None:
