@@ -17,7 +17,10 @@ features of every vector layer, and the tensors of a written model file. Cases:
 - findclass: water on Dubai tile_2/005 from the water polygons of its mask's left third;
 - finetune: 20 seeded CPU iterations on that tile (batch 2, crop 128), then a segmentation with the result.
 
-Float values compare with a relative tolerance of 1e-6 (``--rtol``); digests compare exactly.
+Float values compare with a relative tolerance of 1e-6 (``--rtol``); digests compare exactly. Digests of
+floating-point work are only reproducible on the same CPU kind and torch build: on another machine
+(``machine`` differs) the comparison is *portable* — digests are skipped, and the class areas, metrics,
+per-band pixel statistics and weight sums compare with a relative tolerance of 1e-3.
 """
 from __future__ import annotations
 
@@ -79,8 +82,19 @@ def _clean(obj, tmp: Path):
     return obj
 
 
+def machine() -> str:
+    """The CPU kind and torch build that floating-point digests depend on."""
+    import platform
+
+    import torch
+
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return f"{model} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
+
+
 def raster_digest(path) -> dict:
-    """md5 of each band's pixel data (native type), with the size, geotransform and CRS authority."""
+    """md5 of each band's pixel data (native type) and its mean, with the size, geotransform and CRS."""
     from osgeo import gdal
 
     ds = gdal.Open(str(path))
@@ -89,7 +103,7 @@ def raster_digest(path) -> dict:
         band = ds.GetRasterBand(b)
         arr = band.ReadAsArray()
         bands.append({"md5": hashlib.md5(np.ascontiguousarray(arr).tobytes()).hexdigest(), "dtype": str(arr.dtype),
-                      "nodata": band.GetNoDataValue()})
+                      "nodata": band.GetNoDataValue(), "mean": float(np.mean(arr, dtype=np.float64))})
     srs = ds.GetSpatialRef()
     out = {"size": [ds.RasterXSize, ds.RasterYSize], "geotransform": list(ds.GetGeoTransform()),
            "crs": srs.GetAuthorityCode(None) if srs is not None else None, "bands": bands}
@@ -132,13 +146,15 @@ def model_digest(path) -> dict:
     """md5 of every tensor of a ``.srmf`` model file (safetensors), and its class table."""
     from safetensors import safe_open
 
-    tensors = {}
+    tensors, total = {}, 0.0
     with safe_open(str(path), framework="np") as f:
         header = json.loads(f.metadata()["srmf"])
         for k in sorted(f.keys()):
-            tensors[k] = hashlib.md5(np.ascontiguousarray(f.get_tensor(k)).tobytes()).hexdigest()
+            t = f.get_tensor(k)
+            tensors[k] = hashlib.md5(np.ascontiguousarray(t).tobytes()).hexdigest()
+            total += float(np.abs(t.astype(np.float64)).sum())
     return {"tensors": hashlib.md5(json.dumps(tensors, sort_keys=True).encode()).hexdigest(),
-            "n_tensors": len(tensors), "classes": header.get("classes")}
+            "n_tensors": len(tensors), "abs_sum": total, "classes": header.get("classes")}
 
 
 def _dubai_scene(tmp: Path):
@@ -182,7 +198,7 @@ def _classes_file(tmp: Path, name: str, entries, **extra) -> Path:
 
 
 def record() -> dict:
-    out = {}
+    out = {"machine": machine()}
     with tempfile.TemporaryDirectory(prefix="srmf-baseline-") as d:
         tmp = Path(d)
         for name, src, extra in (("osbs", OSBS, []), ("atlanta", ATLANTA, ["--probabilities", tmp / "atlanta_p.tif"]),
@@ -220,24 +236,41 @@ def record() -> dict:
     return out
 
 
-def differences(a, b, rtol: float, path: str = "") -> list:
-    """Paths where two recorded values differ (floats within ``rtol``)."""
+DIGESTS = {"md5", "tensors", "machine"}
+
+
+def differences(a, b, rtol: float, path: str = "", portable: bool = False) -> list:
+    """Paths where two recorded values differ (floats within ``rtol``; ``portable``: digests skipped and
+    numbers, integers too, within ``rtol``)."""
     if isinstance(a, dict) and isinstance(b, dict):
         diffs = [f"{path}/{k}: only in the baseline" for k in a.keys() - b.keys()]
         diffs += [f"{path}/{k}: only in the new run" for k in b.keys() - a.keys()]
         for k in sorted(a.keys() & b.keys()):
-            diffs += differences(a[k], b[k], rtol, f"{path}/{k}")
+            if not (portable and k in DIGESTS):
+                diffs += differences(a[k], b[k], rtol, f"{path}/{k}", portable)
         return diffs
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} items vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rtol, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
-        if math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rtol, f"{path}[{i}]", portable)]
+    number = (int, float)
+    if (isinstance(a, float) or (portable and isinstance(a, number))) and isinstance(b, number) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        if math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9 if not portable else 1e-3) or (math.isnan(a) and math.isnan(b)):
             return []
     elif a == b:
         return []
     return [f"{path}: {a!r} (baseline) vs {b!r} (now)"]
+
+
+def compare(baseline: Path, rtol: float = 1e-6) -> tuple:
+    """Record now and compare with ``baseline``: ``(differences, mode)``, mode "exact" on the machine kind
+    that recorded it, else "portable" (see the module docstring)."""
+    base = json.loads(Path(baseline).read_text())
+    now = record()
+    portable = base.get("machine") != now["machine"]
+    diffs = differences(base, now, 1e-3 if portable else rtol, portable=portable)
+    return diffs, ("portable: recorded on " + str(base.get("machine")) + ", now " + now["machine"]) if portable else "exact"
 
 
 def main(argv=None) -> int:
@@ -246,15 +279,16 @@ def main(argv=None) -> int:
     p.add_argument("baseline", type=Path)
     p.add_argument("--rtol", type=float, default=1e-6)
     args = p.parse_args(argv)
-    now = record()
     if args.mode == "record":
+        now = record()
         args.baseline.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(now)} cases in {args.baseline}")
+        print(f"recorded {len(now) - 1} cases in {args.baseline} on {now['machine']}")
         return 0
-    diffs = differences(json.loads(args.baseline.read_text()), now, args.rtol)
+    diffs, mode = compare(args.baseline, args.rtol)
     for d in diffs:
         print(d)
-    print(f"{len(now)} cases: {'identical' if not diffs else f'{len(diffs)} differences'} to {args.baseline}")
+    n = len(json.loads(args.baseline.read_text())) - 1
+    print(f"{n} cases: {'identical' if not diffs else f'{len(diffs)} differences'} to {args.baseline} ({mode})")
     return 1 if diffs else 0
 
 
