@@ -32,9 +32,15 @@ class keeps what the model has learnt (blank: the class of the same name, or a n
 <b>validation share</b> (the part of the labelled data held out to measure per-class IoU: whole rasters
 when there are several, else the bottom rows; or give <b>validation rasters</b> and their labels). The best
 model by validation mIoU is kept. Advanced: <b>class balancing</b> (SRMF's multi-scale anchored crops
-and rare-region resampling; on by default), training tile size, validation interval, gradient
+and rare-region resampling; on by default), training crop size, validation interval, gradient
 accumulation, seed, and <b>continue a stopped run</b>.</p>
 <p>Output: the fine-tuned model file (.srmf) and a table of the per-class validation IoU.</p>"""
+
+
+# The engine's recipe defaults (core.finetune.config.TrainConfig and VAL_SHARE), stated here because QGIS
+# never imports the engine; tests/core/test_finetune_defaults.py fails when the two drift apart.
+TRAINING_DEFAULTS = {"iterations": 2000, "lr": 6e-5, "crop": 512, "eval_interval": 200, "accumulate": 1,
+                     "seed": 0, "val_share": 0.2, "class_balancing": True}
 
 
 class FinetuneAlgorithm(SRMFAlgorithm):
@@ -49,6 +55,23 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         return self.tr("Train an SRMF model on your rasters and labels, with your classes.")
 
     def initAlgorithm(self, config=None):  # noqa: N802
+        self._add_data_parameters()
+        self._add_training_parameters()
+        self.add_device_parameters()
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            "SEED", self.tr("Random seed"), QgsProcessingParameterNumber.Integer,
+            defaultValue=TRAINING_DEFAULTS["seed"], minValue=0)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean(
+            "RESUME", self.tr("Continue a stopped run of the same output (from its checkpoint)"), defaultValue=False)))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            "OUTPUT_MODEL", self.tr("Fine-tuned model"), fileFilter="SRMF model (*.srmf)"))
+        self.addParameter(QgsProcessingParameterFeatureSink(
+            "OUTPUT_METRICS", self.tr("Per-class validation IoU"), QgsProcessing.TypeVector, optional=True,
+            createByDefault=True))
+        self.addOutput(QgsProcessingOutputNumber("MIOU", self.tr("Validation mIoU")))
+
+    def _add_data_parameters(self):
+        """Training rasters and labels, the class table, the base model."""
         self.addParameter(QgsProcessingParameterMultipleLayers(
             "INPUT_RASTERS", self.tr("Training rasters"), QgsProcessing.TypeRaster))
         self.addParameter(QgsProcessingParameterMultipleLayers(
@@ -65,20 +88,24 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterFile(
             "BASE_MODEL", self.tr("Base model (.srmf) [blank: the embedded default model]"),
             extension="srmf", optional=True))
+
+    def _add_training_parameters(self):
+        """The recipe (defaults: :data:`TRAINING_DEFAULTS`) and the validation data."""
+        d = TRAINING_DEFAULTS
         self.addParameter(QgsProcessingParameterNumber(
             "MAX_ITERATIONS", self.tr("Max iterations"), QgsProcessingParameterNumber.Integer,
-            defaultValue=1000, minValue=1, maxValue=10_000_000))
+            defaultValue=d["iterations"], minValue=1, maxValue=10_000_000))
         self.addParameter(QgsProcessingParameterNumber(
             "BATCH_SIZE", self.tr("Batch size [blank: automatic]"), QgsProcessingParameterNumber.Integer,
             optional=True, minValue=1, maxValue=1024))
         lr = QgsProcessingParameterNumber("LEARNING_RATE", self.tr("Learning rate"),
-                                          QgsProcessingParameterNumber.Double, defaultValue=6e-5,
+                                          QgsProcessingParameterNumber.Double, defaultValue=d["lr"],
                                           minValue=1e-8, maxValue=1.0)
         lr.setMetadata({"widget_wrapper": {"decimals": 8}})
         self.addParameter(advanced(lr))
         self.addParameter(QgsProcessingParameterNumber(
             "VALIDATION_SHARE", self.tr("Validation share (0-0.9, held out by region)"),
-            QgsProcessingParameterNumber.Double, defaultValue=0.2, minValue=0.0, maxValue=0.9))
+            QgsProcessingParameterNumber.Double, defaultValue=d["val_share"], minValue=0.0, maxValue=0.9))
         self.addParameter(advanced(QgsProcessingParameterMultipleLayers(
             "VALIDATION_RASTERS", self.tr("Validation rasters [instead of the validation share]"),
             QgsProcessing.TypeRaster, optional=True)))
@@ -87,27 +114,16 @@ class FinetuneAlgorithm(SRMFAlgorithm):
             QgsProcessing.TypeMapLayer, optional=True)))
         self.addParameter(advanced(QgsProcessingParameterBoolean(
             "CLASS_BALANCING", self.tr("Class balancing (SRMF's multi-scale anchored crops and rare-region "
-                                       "resampling)"), defaultValue=True)))
+                                       "resampling)"), defaultValue=d["class_balancing"])))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "TILE_SIZE", self.tr("Training tile size (crop), pixels"), QgsProcessingParameterNumber.Integer,
-            defaultValue=512, minValue=64, maxValue=4096)))
+            "CROP_SIZE", self.tr("Training crop size (pixels)"), QgsProcessingParameterNumber.Integer,
+            defaultValue=d["crop"], minValue=64, maxValue=4096)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "VALIDATION_INTERVAL", self.tr("Validate every N iterations"), QgsProcessingParameterNumber.Integer,
-            defaultValue=200, minValue=1)))
+            defaultValue=d["eval_interval"], minValue=1)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "ACCUMULATE", self.tr("Gradient accumulation steps (for small GPUs)"),
-            QgsProcessingParameterNumber.Integer, defaultValue=1, minValue=1, maxValue=256)))
-        self.add_device_parameters()
-        self.addParameter(advanced(QgsProcessingParameterNumber(
-            "SEED", self.tr("Random seed"), QgsProcessingParameterNumber.Integer, defaultValue=0, minValue=0)))
-        self.addParameter(advanced(QgsProcessingParameterBoolean(
-            "RESUME", self.tr("Continue a stopped run of the same output (from its checkpoint)"), defaultValue=False)))
-        self.addParameter(QgsProcessingParameterFileDestination(
-            "OUTPUT_MODEL", self.tr("Fine-tuned model"), fileFilter="SRMF model (*.srmf)"))
-        self.addParameter(QgsProcessingParameterFeatureSink(
-            "OUTPUT_METRICS", self.tr("Per-class validation IoU"), QgsProcessing.TypeVector, optional=True,
-            createByDefault=True))
-        self.addOutput(QgsProcessingOutputNumber("MIOU", self.tr("Validation mIoU")))
+            QgsProcessingParameterNumber.Integer, defaultValue=d["accumulate"], minValue=1, maxValue=256)))
 
     # ---------------------------------------------------------------------------------------------
     def class_entries(self, parameters, context, labels):
@@ -192,16 +208,29 @@ class FinetuneAlgorithm(SRMFAlgorithm):
             args += ["--labels", layer_path(lab, context, feedback, "label layer")]
         if field:
             args += ["--label-field", field]
-        if entries:
-            classes_json = QgsProcessingUtils.generateTempFilename("srmf_classes.json")
-            classtable.write_json(entries, classes_json)
-            args += ["--classes", classes_json]
-            (feedback or QgsProcessingFeedback()).pushInfo("Classes of the new model: " + ", ".join(
-                f"{i} {e.name} (label value {e.value if e.value is not None else i})"
-                for i, e in enumerate(classtable.fill_defaults(entries))))
+        args += self._class_args(entries, feedback)
         if base:
             args += ["--base-model", base]
-        args += ["--iterations", str(self.parameterAsInt(parameters, "MAX_ITERATIONS", context))]
+        args += self._recipe_args(parameters, context)
+        args += self._validation_args(parameters, context, feedback, field)
+        args += self._advanced_args(parameters, context)
+        self._args, self._output = args, output
+        return True
+
+    def _class_args(self, entries, feedback) -> list:
+        """``--classes FILE`` (the table written as CLASSES.json) when a class table was given."""
+        if not entries:
+            return []
+        classes_json = QgsProcessingUtils.generateTempFilename("srmf_classes.json")
+        classtable.write_json(entries, classes_json)
+        (feedback or QgsProcessingFeedback()).pushInfo("Classes of the new model: " + ", ".join(
+            f"{i} {e.name} (label value {e.value if e.value is not None else i})"
+            for i, e in enumerate(classtable.fill_defaults(entries))))
+        return ["--classes", classes_json]
+
+    def _recipe_args(self, parameters, context) -> list:
+        """Iterations, batch size, learning rate, validation share and seed as engine arguments."""
+        args = ["--iterations", str(self.parameterAsInt(parameters, "MAX_ITERATIONS", context))]
         bs = self.optional_int(parameters, "BATCH_SIZE", context)
         if bs is not None:
             args += ["--batch-size", str(bs)]
@@ -211,11 +240,16 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         share = self.optional_double(parameters, "VALIDATION_SHARE", context)
         if share is not None:
             args += ["--val-share", repr(float(share))]
-        args += ["--seed", str(self.parameterAsInt(parameters, "SEED", context))]
+        return args + ["--seed", str(self.parameterAsInt(parameters, "SEED", context))]
+
+    def _validation_args(self, parameters, context, feedback, field) -> list:
+        """``--val-raster``/``--val-labels`` pairs of the separate validation layers (checked like the
+        training ones)."""
         val_rasters = self.parameterAsLayerList(parameters, "VALIDATION_RASTERS", context) \
             if parameters.get("VALIDATION_RASTERS") else []
         val_labels = self.parameterAsLayerList(parameters, "VALIDATION_LABELS", context) \
             if parameters.get("VALIDATION_LABELS") else []
+        args = []
         if val_rasters or val_labels:
             if len(val_rasters) != len(val_labels):
                 raise QgsProcessingException(
@@ -226,17 +260,21 @@ class FinetuneAlgorithm(SRMFAlgorithm):
                 args += ["--val-raster", layer_path(r, context, feedback, "validation raster")]
             for lab in val_labels:
                 args += ["--val-labels", layer_path(lab, context, feedback, "validation labels")]
+        return args
+
+    def _advanced_args(self, parameters, context) -> list:
+        """Class balancing off, crop size, validation interval, accumulation, resume."""
+        args = []
         if "CLASS_BALANCING" in parameters and not self.parameterAsBoolean(parameters, "CLASS_BALANCING", context):
             args += ["--no-mars", "--no-srr"]
-        for name, flag in (("TILE_SIZE", "--crop"), ("VALIDATION_INTERVAL", "--eval-interval"),
+        for name, flag in (("CROP_SIZE", "--crop"), ("VALIDATION_INTERVAL", "--eval-interval"),
                            ("ACCUMULATE", "--accumulate")):
             value = self.optional_int(parameters, name, context)
             if value is not None:
                 args += [flag, str(value)]
         if self.parameterAsBoolean(parameters, "RESUME", context):
             args.append("--resume")
-        self._args, self._output = args, output
-        return True
+        return args
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         args, output = self._args, self._output

@@ -16,6 +16,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDialo
 
 from .. import classtable, runtime
 from ..classtable import ClassEntry, ClassTableError
+from ..algorithms.finetune import TRAINING_DEFAULTS
 from ..tasks import AlgorithmJob, JobFeedback
 from .class_table import ClassTableWidget
 
@@ -89,8 +90,20 @@ class FinetuneDialog(QDialog):
         self.resize(1100, 860)
         self.message_bar = QgsMessageBar(self)
         self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        data_box = self._build_data_box()
+        class_box = self._build_class_box()
+        train_box = self._build_train_box()
+        run_box = self._build_run_box()
+        buttons = self._build_buttons()
+        self._build_layout(data_box, class_box, train_box, run_box, buttons)
+        self.add_pair(layer if isinstance(layer, QgsRasterLayer) else None)
+        if load_base_classes:
+            self.load_base_classes(replace=True, quiet=True)
+        self._update_state()
 
-        # -- training data ------------------------------------------------------------------------
+    # -- building the dialog ------------------------------------------------------------------------
+    def _build_data_box(self) -> QGroupBox:
+        """1. Training data: the table of (raster, labels) pairs, its buttons and the class field."""
         data_box = QGroupBox("1. Training data: rasters and their labels", self)
         self.pairs = QTableWidget(0, 2, data_box)
         self.pairs.setHorizontalHeaderLabels(["Raster", "Labels"])
@@ -121,8 +134,10 @@ class FinetuneDialog(QDialog):
         data_layout = QVBoxLayout(data_box)
         data_layout.addWidget(self.pairs)
         data_layout.addLayout(pair_buttons)
+        return data_box
 
-        # -- classes --------------------------------------------------------------------------------
+    def _build_class_box(self) -> QGroupBox:
+        """2. Classes: the class table and the buttons that fill it."""
         class_box = QGroupBox("2. Classes of the new model", self)
         self.class_table = ClassTableWidget(class_box)
         self.base_classes_button = QPushButton("Classes of the base model", class_box)
@@ -141,8 +156,10 @@ class FinetuneDialog(QDialog):
         hint.setWordWrap(True)
         class_layout.addWidget(hint)
         class_layout.addWidget(self.class_table)
+        return class_box
 
-        # -- training settings --------------------------------------------------------------------
+    def _build_train_box(self) -> QGroupBox:
+        """3. Training: base model, recipe (defaults: the engine's, :data:`TRAINING_DEFAULTS`), device, output."""
         train_box = QGroupBox("3. Training", self)
         form = QFormLayout(train_box)
         self.base_model = QgsFileWidget(train_box)
@@ -151,7 +168,7 @@ class FinetuneDialog(QDialog):
         self.base_model.fileChanged.connect(lambda *_: self.load_base_classes(replace=False))
         self.iterations = QSpinBox(train_box)
         self.iterations.setRange(1, 10_000_000)
-        self.iterations.setValue(1000)
+        self.iterations.setValue(TRAINING_DEFAULTS["iterations"])
         self.iterations.setToolTip("Training steps. On a GPU 1000-4000 is typical; on the CPU start with a few hundred.")
         self.batch_size = QSpinBox(train_box)
         self.batch_size.setRange(0, 1024)
@@ -159,10 +176,10 @@ class FinetuneDialog(QDialog):
         self.val_share = QDoubleSpinBox(train_box)
         self.val_share.setRange(0.0, 0.9)
         self.val_share.setSingleStep(0.05)
-        self.val_share.setValue(0.2)
+        self.val_share.setValue(TRAINING_DEFAULTS["val_share"])
         self.val_share.setToolTip("The share of the labelled area held out (by region) to measure per-class IoU.")
         self.balancing = QCheckBox("Class balancing (MARS + SRR-TA)", train_box)
-        self.balancing.setChecked(True)
+        self.balancing.setChecked(TRAINING_DEFAULTS["class_balancing"])
         self.balancing.setToolTip("Gives rare classes as much training as common ones (SRMF's MARS and SRR-TA). "
                                   "Leave it on unless you compare with plain training.")
         self.device = QComboBox(train_box)
@@ -180,8 +197,10 @@ class FinetuneDialog(QDialog):
         form.addRow("", self.balancing)
         form.addRow("Processor type:", self.device)
         form.addRow("Fine-tuned model:", self.output)
+        return train_box
 
-        # -- progress and results -----------------------------------------------------------------
+    def _build_run_box(self) -> QGroupBox:
+        """4. Progress: the progress bar, the log and the per-class validation IoU."""
         run_box = QGroupBox("4. Progress and validation IoU", self)
         self.progress = QProgressBar(run_box)
         self.progress.setRange(0, 100)
@@ -207,7 +226,10 @@ class FinetuneDialog(QDialog):
         run_layout = QVBoxLayout(run_box)
         run_layout.addWidget(self.progress)
         run_layout.addWidget(split)
+        return run_box
 
+    def _build_buttons(self) -> QHBoxLayout:
+        """Segment with the new model, Run, Cancel, Close."""
         self.run_button = QPushButton("Run", self)
         self.run_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel", self)
@@ -225,7 +247,9 @@ class FinetuneDialog(QDialog):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         buttons.addWidget(self.close_button)
+        return buttons
 
+    def _build_layout(self, data_box, class_box, train_box, run_box, buttons) -> None:
         top = QHBoxLayout()
         top.addWidget(data_box, 3)
         top.addWidget(train_box, 2)
@@ -237,11 +261,6 @@ class FinetuneDialog(QDialog):
         main.addWidget(class_box, 3)
         main.addWidget(run_box, 2)
         main.addLayout(buttons)
-
-        self.add_pair(layer if isinstance(layer, QgsRasterLayer) else None)
-        if load_base_classes:
-            self.load_base_classes(replace=True, quiet=True)
-        self._update_state()
 
     # -- training pairs -----------------------------------------------------------------------------
     def add_pair(self, raster=None, labels=None) -> int:

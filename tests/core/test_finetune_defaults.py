@@ -83,3 +83,41 @@ def test_finetune_and_split_validation_default_to_the_same_share():
     assert inspect.signature(finetune).parameters["val_share"].default == VAL_SHARE
     assert inspect.signature(split_validation).parameters["val_share"].default == VAL_SHARE
 
+
+def _qgis_training_defaults() -> dict:
+    """TRAINING_DEFAULTS of srmf_qgis/algorithms/finetune.py, read from its source (QGIS is not imported)."""
+    import ast
+
+    from conftest import ROOT
+
+    tree = ast.parse((ROOT / "srmf_qgis" / "algorithms" / "finetune.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TRAINING_DEFAULTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("srmf_qgis/algorithms/finetune.py has no TRAINING_DEFAULTS")
+
+
+def test_qgis_states_the_engine_defaults():
+    """QGIS cannot import the engine, so it states the recipe's defaults again: they must be TrainConfig's
+    (srmf:finetune and the fine-tune dialog read them from TRAINING_DEFAULTS; see
+    tests/qgis/test_qgis_finetune_defaults.py)."""
+    qgis = _qgis_training_defaults()
+    engine = TrainConfig()
+    assert qgis.pop("val_share") == VAL_SHARE
+    assert qgis.pop("class_balancing") is engine.mars is engine.srr
+    assert qgis == {k: getattr(engine, k) for k in qgis}
+    assert qgis["iterations"] == 2000  # the CLI's default, now QGIS's too (it was 1000)
+
+
+def test_qgis_states_no_other_training_number():
+    """The algorithm and the dialog take the recipe's numbers from TRAINING_DEFAULTS, never a literal."""
+    from conftest import ROOT
+
+    alg = (ROOT / "srmf_qgis" / "algorithms" / "finetune.py").read_text(encoding="utf-8")
+    dialog = (ROOT / "srmf_qgis" / "ui" / "finetune_dialog.py").read_text(encoding="utf-8")
+    for literal in ("defaultValue=1000", "defaultValue=2000", "defaultValue=6e-5", "defaultValue=512",
+                    "defaultValue=200", "defaultValue=0.2"):
+        assert literal not in alg, literal
+    for literal in ("iterations.setValue(", "val_share.setValue(", "balancing.setChecked("):
+        line = next(l for l in dialog.splitlines() if literal in l)
+        assert "TRAINING_DEFAULTS[" in line, line

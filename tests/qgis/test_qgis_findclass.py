@@ -154,7 +154,7 @@ def test_handoff_after_a_review_in_qgis_feeds_finetune(found, scene, tmp_path):
     ft = run_alg("srmf:finetune", {
         "INPUT_RASTERS": [str(scene["raster"])], "LABELS": [res["OUTPUT_LABELS"]], "LABEL_FIELD": "class",
         "CLASSES_FILE": res["OUTPUT_CLASSES"], "BASE_MODEL": res["OUTPUT_BASE_MODEL"], "MAX_ITERATIONS": 1,
-        "BATCH_SIZE": 2, "TILE_SIZE": 128, "VALIDATION_SHARE": 0.0, "DEVICE": 1, "OUTPUT_MODEL": str(model),
+        "BATCH_SIZE": 2, "CROP_SIZE": 128, "VALIDATION_SHARE": 0.0, "DEVICE": 1, "OUTPUT_MODEL": str(model),
         "OUTPUT_METRICS": None})
     assert model.exists() and ft["OUTPUT_MODEL"] == str(model)
     assert [c["name"] for c in ft["CLASSES"]] == names

@@ -23,7 +23,7 @@ def dubai_model(provider, dubai_labels, tmp_path_factory):
     fb = make_feedback()
     res = run_alg("srmf:finetune", {
         "INPUT_RASTERS": [str(DUBAI_IMAGE)], "LABELS": [str(dubai_labels)], "CLASS_TABLE": DUBAI_TABLE,
-        "MAX_ITERATIONS": 3, "BATCH_SIZE": 2, "TILE_SIZE": 256, "VALIDATION_SHARE": 0.25, "DEVICE": 1,
+        "MAX_ITERATIONS": 3, "BATCH_SIZE": 2, "CROP_SIZE": 256, "VALIDATION_SHARE": 0.25, "DEVICE": 1,
         "OUTPUT_MODEL": str(out), "OUTPUT_METRICS": "TEMPORARY_OUTPUT"}, fb)
     return {"results": res, "feedback": fb, "path": out}
 
@@ -66,7 +66,7 @@ def test_finetune_on_polygon_labels_with_a_class_field(provider, atlanta_polygon
              "other", "#9B9B9B", "A satellite image of streets and trees", "other", ""]
     res = run_alg("srmf:finetune", {
         "INPUT_RASTERS": [str(ATLANTA)], "LABELS": [str(atlanta_polygon_labels)], "LABEL_FIELD": "class",
-        "CLASS_TABLE": table, "MAX_ITERATIONS": 2, "BATCH_SIZE": 2, "TILE_SIZE": 256, "VALIDATION_SHARE": 0.2,
+        "CLASS_TABLE": table, "MAX_ITERATIONS": 2, "BATCH_SIZE": 2, "CROP_SIZE": 256, "VALIDATION_SHARE": 0.2,
         "DEVICE": 1,
         "OUTPUT_MODEL": str(out), "OUTPUT_METRICS": None})
     assert out.exists()
