@@ -151,7 +151,8 @@ class SRMFPlugin:
             self.jobs.remove(job)
         if not ok:
             if error.startswith("Cancel"):
-                self._message(f"Segmentation of '{name}' cancelled; nothing was written.", Qgis.Info, 5)
+                source = name.rsplit(" \u2014 ", 1)[0]  # the input layer's name, not the class layer's
+                self._message(f"Segmentation of '{source}' cancelled; nothing was written.", Qgis.Info, 5)
             else:
                 self._message(f"Segmentation failed: {error}", Qgis.Critical)
             return

@@ -79,6 +79,7 @@ class AlgorithmJob(QObject):
         self.feedback = feedback or JobFeedback()
         self.description = description or alg.displayName()
         self.task = QgsProcessingAlgRunnerTask(alg, self.parameters, self.context, self.feedback)
+        self.task.setDescription(self.description)  # the task manager names the layer, not just the algorithm
         self.task.executed.connect(self._on_executed)
         self.done = False
         self.ok = False
