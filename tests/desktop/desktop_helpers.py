@@ -83,9 +83,20 @@ def run_qgis(config: dict, config_path: Path, profiles: Path, home: Path, log: P
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait(timeout=30)
     seconds = time.monotonic() - t0
-    leftovers = _group_members(proc.pid)
-    if leftovers:  # xvfb-run, Xvfb, qgis or a worker that outlived QGIS
-        os.killpg(proc.pid, signal.SIGKILL)
+    # What outlived QGIS: xvfb-run, Xvfb or qgis (its process group), or an engine worker (its own
+    # session, recognised by the configuration path in its environment). Ended by their ids.
+    def outliving():
+        return sorted(set(_group_members(proc.pid)) | set(_processes_with_env("SRMF_DESKTOP_CONFIG", str(config_path))))
+
+    deadline = time.monotonic() + 10  # Xvfb may take a moment to go after xvfb-run has returned
+    while outliving() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftovers = [f"{pid}: {_cmdline(pid)}" for pid in outliving()]
+    for pid in outliving():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     report_file = Path(config["out"]) / f"report_{config['mode']}.json"
     report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
     tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
@@ -100,6 +111,30 @@ def run_qgis(config: dict, config_path: Path, profiles: Path, home: Path, log: P
     report["_leftover_processes"] = leftovers
     report["_log_tail"] = tail
     return report
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return "?"
+
+
+def _processes_with_env(name: str, value: str) -> List[int]:
+    """PIDs of live processes whose environment has ``name=value`` (Linux /proc; others' are unreadable)."""
+    marker = f"{name}={value}".encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if marker in (d / "environ").read_bytes().split(b"\0"):
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    out.append(int(d.name))
+        except OSError:
+            continue
+    return out
 
 
 def _group_members(pgid: int) -> List[int]:

@@ -47,10 +47,10 @@ def on_message(item):
         if not isinstance(item, QgsMessageBarItem):  # the signal hands over a QWidget
             item = sip.cast(item, QgsMessageBarItem)
         key = sip.unwrapinstance(item)
-        if key in _SEEN_ITEMS:  # shown again when the message above it is dismissed
+        if key in _SEEN_ITEMS:  # the same item shown again when the message above it is dismissed
             return
         _SEEN_ITEMS.add(key)
-        _KEEP.append(item)  # keeps the address from being reused by a later message
+        item.destroyed.connect(lambda *_, k=key: _SEEN_ITEMS.discard(k))  # its address may be reused
         REPORT["messages"].append({"title": item.title(), "text": item.text(), "level": int(item.level()),
                                    "t": round(time.monotonic() - T0, 1)})
     except Exception:  # noqa: BLE001
@@ -190,7 +190,7 @@ def shoot_layer(layer, tag):
     canvas = iface.mapCanvas()
     show_only([layer])
     if layer.crs().isValid():
-        canvas.setDestinationCrs(layer.crs())
+        QgsProject.instance().setCrs(layer.crs())  # the project's CRS, which the canvas follows
     canvas.setExtent(layer.extent())
     render_canvas()
     png = OUT / f"{tag}_canvas.png"
@@ -269,12 +269,15 @@ def flow_one_click_and_second_layer(flows):
     rec2["layer"] = inspect_class_layer(job2.layer, "second_layer_osbs")
     # What the analyst sees: the classes over the map, with the legend (README screenshot).
     show_only([job1.layer])
-    iface.mapCanvas().setDestinationCrs(job1.layer.crs())
+    QgsProject.instance().setCrs(job1.layer.crs())
     iface.mapCanvas().setExtent(job1.layer.extent())
-    iface.layerTreeView().setCurrentLayer(job1.layer)
-    for node in QgsProject.instance().layerTreeRoot().findLayers():
-        node.setExpanded(node.layerId() == job1.layer.id())  # the class legend open, the others closed
+    view = iface.layerTreeView()
+    view.setCurrentLayer(job1.layer)
     render_canvas()
+    for node in QgsProject.instance().layerTreeRoot().findLayers():  # the class legend open, the others closed
+        node.setExpanded(node.layerId() == job1.layer.id())
+        if hasattr(view, "node2index"):  # the view's (proxy) index
+            view.setExpanded(view.node2index(node), node.layerId() == job1.layer.id())
     rec["window_png"] = grab(iface.mainWindow(), "desktop_one_click.png")
     return adel, osbs
 
