@@ -42,7 +42,7 @@ REOPEN_TIMEOUT = 300
 SUCCESS, INFO = 3, 0   # Qgis.MessageLevel
 
 
-def pytest_configure_check():
+def check_prerequisites():
     missing = [p for p in (ADELAIDE, OSBS, DUBAI_IMAGE, DEFAULT_MODEL, VENV_PYTHON) if not p.exists()]
     if missing:
         raise pytest.UsageError(f"the desktop tests need {missing} (../shared/data, make default-model, make venv)")
@@ -55,7 +55,7 @@ def desktop(tmp_path_factory):
     """Both QGIS runs; returns their reports and the paths they used."""
     from srmf_qgis_testing import dubai_label_raster
 
-    pytest_configure_check()
+    check_prerequisites()
     base = tmp_path_factory.mktemp("desktop")
     work = base / "work"
     work.mkdir()
