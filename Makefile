@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON_SYS ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-qgis qgis-providers gdal-bin python3-gdal python3-scipy python3-venv python3-pip xvfb
+APT_PACKAGES := python3-qgis qgis-providers qgis gdal-bin python3-gdal python3-scipy python3-venv python3-pip xvfb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEFAULT_MODEL := resources/models/default.srmf
 export QT_QPA_PLATFORM ?= offscreen
@@ -49,6 +49,7 @@ demo: install
 test: install
 	$(PY) -m pytest -p no:pytest_qgis -q tests/core
 	$(QGIS_TESTS)
+	$(DESKTOP_TESTS)
 
 test-core: install
 	$(PY) -m pytest -p no:pytest_qgis -q tests/core
@@ -60,6 +61,17 @@ QGIS_TESTS = SRMF_PYTHON=$(abspath $(PY)) QT_QPA_PLATFORM=offscreen $(PY) -m pyt
 
 test-qgis: install
 	$(QGIS_TESTS)
+
+# The real QGIS desktop application (the Debian package qgis) on a virtual X display (xvfb-run), with a
+# throw-away profile that links this checkout as the plugin: the context menu, the Raster menu, the
+# Processing dialog and the task manager driven as an analyst does, the map canvas checked pixel by
+# pixel against the model's colours. pytest itself runs without QGIS; screenshots go to
+# tests/artifacts/desktop/. About 2-3 minutes on 2 CPU cores.
+.PHONY: test-desktop
+DESKTOP_TESTS = SRMF_PYTHON=$(abspath $(PY)) $(PY) -m pytest -p no:pytest_qgis -q tests/desktop
+
+test-desktop: install
+	$(DESKTOP_TESTS)
 
 # A ZIP for QGIS's "Install from ZIP" (dist/srmf-<version>.zip); DIST=folder to put it elsewhere.
 DIST ?= dist

@@ -8,11 +8,11 @@ from typing import Dict, List, Optional
 from qgis.core import Qgis, QgsApplication, QgsRasterLayer
 from qgis.PyQt.QtWidgets import QAction
 
-from . import runtime, styling
+from . import runtime
 from .algorithms.base import icon
 from .layers import RASTER_TYPE
 from .provider import SRMFProvider
-from .tasks import AlgorithmJob, JobFeedback, add_class_raster, segment_parameters
+from .tasks import AlgorithmJob, JobFeedback, add_class_raster, result_classes, segment_parameters
 
 MENU = "&SRMF"
 
@@ -151,14 +151,15 @@ class SRMFPlugin:
             self.jobs.remove(job)
         if not ok:
             if error.startswith("Cancel"):
-                self._message(f"Segmentation of '{name}' cancelled; nothing was written.", Qgis.Info, 5)
+                source = name.rsplit(" \u2014 ", 1)[0]  # the input layer's name, not the class layer's
+                self._message(f"Segmentation of '{source}' cancelled; nothing was written.", Qgis.Info, 5)
             else:
                 self._message(f"Segmentation failed: {error}", Qgis.Critical)
             return
         out = results.get("OUTPUT")
-        classes = [{"id": a["id"], "name": a["name"], "colour": None} for a in results.get("CLASS_AREAS") or []]
-        classes = styling.classes_from_raster(out) or classes
-        layer = add_class_raster(out, name, classes)
+        # The engine's class table (colours and names), not the raster's GDAL metadata (issue 17: GDAL 3.6
+        # returns no category names on a freshly opened GeoTIFF, and every class was painted grey).
+        layer = add_class_raster(out, name, result_classes(results))
         job.layer = layer
         areas = results.get("CLASS_AREAS") or []
         if areas and areas[0].get("area_ha") is not None:

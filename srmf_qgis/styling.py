@@ -56,7 +56,9 @@ def write_class_qml(raster_path, classes: Sequence[dict]) -> Optional[Path]:
 def classes_from_raster(path) -> List[dict]:
     """``[{id, name, colour}]`` from a class raster's category names and colour table (GDAL metadata).
 
-    Values without a category name are left out; an empty list when the raster has neither.
+    Values without a category name are left out; an empty list when the raster has neither. For a
+    raster the plugin has just segmented, prefer the engine's class table (``tasks.result_classes``):
+    this reads files written by anyone.
     """
     from osgeo import gdal
 
@@ -64,6 +66,10 @@ def classes_from_raster(path) -> List[dict]:
     if ds is None:
         return []
     band = ds.GetRasterBand(1)  # ds stays referenced while the band is used (GDAL < 3.8)
+    # GDAL 3.6 GTiff loads the band's .aux.xml (PAM, where the category names are) lazily, and
+    # GetCategoryNames() alone does not trigger it: on a freshly opened file it returns None.
+    # GetNoDataValue() loads the PAM first (the same guard as core/evaluate.py's reader).
+    band.GetNoDataValue()
     names = band.GetCategoryNames() or []
     ct = band.GetColorTable()
     out = []

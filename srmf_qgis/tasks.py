@@ -79,6 +79,7 @@ class AlgorithmJob(QObject):
         self.feedback = feedback or JobFeedback()
         self.description = description or alg.displayName()
         self.task = QgsProcessingAlgRunnerTask(alg, self.parameters, self.context, self.feedback)
+        self.task.setDescription(self.description)  # the task manager names the layer, not just the algorithm
         self.task.executed.connect(self._on_executed)
         self.done = False
         self.ok = False
@@ -132,6 +133,27 @@ def add_class_raster(path: str, name: str, classes=None, project: Optional[QgsPr
         styling.style_class_layer(layer, classes)
     (project or QgsProject.instance()).addMapLayer(layer)
     return layer
+
+
+def result_classes(results: dict) -> list:
+    """The class table ``[{id, name, colour}]`` of a finished srmf:segment run, from the engine's result
+    (``CLASSES``), else from the header of the model it used (``MODEL_USED``); an empty list when neither
+    is available (then the ``.qml`` written beside the raster styles it). Never from the raster's GDAL
+    metadata, which GDAL 3.6 may not have loaded yet on a freshly opened GeoTIFF."""
+    classes = [c for c in (results.get("CLASSES") or []) if isinstance(c, dict) and "id" in c and "name" in c]
+    if classes and all(c.get("colour") for c in classes):
+        return [{"id": int(c["id"]), "name": str(c["name"]), "colour": c["colour"]} for c in classes]
+    model = results.get("MODEL_USED") or ""
+    if model and os.path.isfile(str(model)):
+        from .modelheader import read_header
+
+        try:
+            header_classes = read_header(model)["classes"]
+        except ValueError:
+            header_classes = []
+        if header_classes:
+            return [{"id": int(c["id"]), "name": str(c["name"]), "colour": c.get("colour")} for c in header_classes]
+    return classes
 
 
 def segment_parameters(layer, model: Optional[str] = None, output: Optional[str] = None, device: Optional[str] = None,

@@ -130,6 +130,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
         results = {"OUTPUT": output, "OUTPUT_PROBABILITIES": probabilities or None,
                    "AREA_NOTE": result.get("area_note") or "", "MODEL_USED": result.get("model", model or "")}
         results["CLASS_AREAS"] = result.get("class_areas") or []
+        results["CLASSES"] = [dict(c) for c in classes]  # {id, name, colour}: what the raster was styled with
         results["CRS"] = result.get("crs")
         results["UNTRAINED_MODEL"] = bool(result.get("untrained_model"))
         self._report_areas(result, feedback)

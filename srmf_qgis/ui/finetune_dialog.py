@@ -537,9 +537,10 @@ class FinetuneDialog(QDialog):
             return None
         if self.plugin is not None:
             return self.plugin.segment_layer(layer, model=self.model_path, **params)
-        from ..tasks import add_class_raster, segment_parameters
+        from ..tasks import add_class_raster, result_classes, segment_parameters
 
         job = AlgorithmJob("srmf:segment", segment_parameters(layer, model=self.model_path, **params))
-        job.finished.connect(lambda ok, res, err: add_class_raster(res["OUTPUT"], f"{layer.name()} \u2014 SRMF classes")
+        job.finished.connect(lambda ok, res, err: add_class_raster(res["OUTPUT"], f"{layer.name()} \u2014 SRMF classes",
+                                                                   result_classes(res))
                              if ok else self.show_message(f"Segmentation failed: {err}", Qgis.Critical))
         return job.start()

@@ -30,6 +30,7 @@ DUBAI_MASK = DATA / "dubai_hitl_aerial" / "tile_1" / "masks" / "image_part_001.p
 # The Dubai mask colours (SOURCES.md) -> the default model's class ids; anything else -> 255 (ignore).
 DUBAI_COLOURS = {(60, 16, 152): 0, (132, 41, 246): 1, (110, 193, 228): 2, (254, 221, 58): 3, (226, 169, 41): 4}
 MODEL_CLASSES = ["building", "land", "road", "vegetation", "water"]
+MODEL_COLOURS = ["#3C1098", "#8429F6", "#6EC1E4", "#FEDD3A", "#E2A929"]  # resources/models/README.md
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -9,7 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from srmf_qgis_testing import (ATLANTA_BUILDINGS, MODEL_CLASSES, OSBS, ROOT, have_make, run_alg, wait_for)
+from srmf_qgis_testing import (ATLANTA_BUILDINGS, MODEL_CLASSES, MODEL_COLOURS, OSBS, ROOT, have_make, run_alg,
+                               wait_for)
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
 
 
@@ -80,10 +81,33 @@ def test_segment_with_srmf_adds_a_styled_layer(plugin, qgis_iface, clean_project
     assert styled.name() == "OSBS \u2014 SRMF classes"
     assert styled.renderer().type() == "paletted"
     assert [c.label for c in styled.renderer().classes()] == MODEL_CLASSES
+    # the model's colours, on the map and in the legend (issue 17: all were #808080)
+    assert [c.color.name().upper() for c in styled.renderer().classes()] == MODEL_COLOURS
+    legend = styled.renderer().legendSymbologyItems()
+    assert [(n, c.name().upper()) for n, c in legend] == list(zip(MODEL_CLASSES, MODEL_COLOURS))
     assert styled.crs().authid() == "EPSG:32617" and styled.extent() == layer.extent()
     # a second run does not overwrite the first result
     params = __import__("srmf_qgis.tasks", fromlist=["x"]).segment_parameters(layer)
     assert params["OUTPUT"].endswith("OSBS_029_srmf_classes_2.tif")
+
+
+def test_class_table_of_a_fresh_class_raster_and_of_a_result(osbs_segmented, tmp_path):
+    """GDAL 3.6 returns no category names on a freshly opened GeoTIFF until its .aux.xml is loaded
+    (issue 17): the reader must still give every class its name and colour, and a segment result
+    carries the engine's table, or else the model's."""
+    from srmf_qgis import styling
+    from srmf_qgis.tasks import result_classes
+
+    src = Path(osbs_segmented["results"]["OUTPUT"])
+    fresh = tmp_path / "fresh.tif"  # never opened in this process
+    shutil.copy(src, fresh)
+    shutil.copy(str(src) + ".aux.xml", str(fresh) + ".aux.xml")
+    expected = [{"id": i, "name": n, "colour": c} for i, (n, c) in enumerate(zip(MODEL_CLASSES, MODEL_COLOURS))]
+    assert styling.classes_from_raster(fresh) == expected
+    res = osbs_segmented["results"]
+    assert result_classes(res) == expected  # the engine's table
+    assert result_classes({"MODEL_USED": res["MODEL_USED"], "CLASSES": None}) == expected  # the model header
+    assert result_classes({}) == []
 
 
 def test_segment_with_srmf_dialog_has_the_layer_filled_in(plugin, qgis_iface, clean_project, artifacts):
