@@ -32,5 +32,5 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise InputError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})")
 
 
-# -- the segment job ------------------------------------------------------------------------------
+# windows per forward pass by device type, when a sliding-window job (segment, findclass) is given none
 DEFAULT_BATCH = {"cpu": 2, "cuda": 16}  # CPU: each window in a batch costs ~330 MiB in the head

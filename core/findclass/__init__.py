@@ -1,2 +1,2 @@
-"""The findclass command (cold-start class discovery, arXiv 2308.02844 CAT transfer): example polygons ->
-prototypes -> a relevance raster and ranked candidates; and the hand-off of reviewed candidates to fine-tuning."""
+"""The findclass command (class discovery from a few examples, CAT's cold-start targeting, arXiv 2308.02844):
+example polygons -> prototypes -> a relevance raster and ranked candidates; the hand-off to fine-tuning."""

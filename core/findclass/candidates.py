@@ -110,9 +110,18 @@ def _patch_ring(pt: Patch, grid: CellGrid, pc: int, gt) -> List[Tuple[float, flo
     return [tuple(gdal.ApplyGeoTransform(g, x, y)) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
 
 
-def _write_candidates(path: str, ranked: Sequence[Patch], grid: CellGrid, pc: int, gt, srs, meta: dict) -> List[dict]:
-    """The candidate polygons (GeoPackage layer ``candidates``) plus a one-row table ``srmf_findclass``
-    holding the run's parameters, threshold and centroids (JSON) for the hand-off."""
+def write_candidates(path: str, ranked: Sequence[Patch], grid: CellGrid, pc: int, gt, srs, meta: dict) -> List[dict]:
+    """The candidate polygons (GeoPackage layer ``candidates``, fields rank, score, cluster 1-based, status
+    ``pending``) at ``path`` (a new file), plus a one-row table ``srmf_findclass`` holding ``meta`` (the
+    run's parameters, threshold and centroids, JSON) for the hand-off.
+
+    Args:
+        ranked: the review order. grid: the raster's cell grid; pc: patch size in cells. gt, srs: the
+            raster's geotransform (None: pixel coordinates) and CRS (or None).
+
+    Returns:
+        One dict per candidate: rank, score, cluster, patch_row/col, pixel_x/y, bounds (CRS units).
+    """
     from osgeo import ogr
 
     drv = ogr.GetDriverByName("GPKG")

@@ -10,7 +10,7 @@ import torch
 from core.errors import InputError
 from core.findclass.candidates import read_candidates
 from core.findclass.params import STATUSES
-from core.findclass.examples import _is_negative
+from core.findclass.examples import is_negative
 from core.files import partial_path, publish
 
 
@@ -70,7 +70,7 @@ def handoff(candidates, class_name: str) -> HandOff:
             continue
         if nf:
             idx = f.GetFieldIndex(nf)
-            if idx >= 0 and f.IsFieldSetAndNotNull(idx) and _is_negative(f.GetField(idx)):
+            if idx >= 0 and f.IsFieldSetAndNotNull(idx) and is_negative(f.GetField(idx)):
                 continue
         g = g.Clone()
         if ct is not None:
@@ -106,9 +106,6 @@ def write_handoff(candidates, out_dir, class_name: str, base_model=None, text_en
     Raises:
         InputError: see :func:`handoff`; a base model that already has the class.
     """
-    from osgeo import ogr, osr
-
-    from core.model.adapt import adapt_classes
     from core.model.modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model, save_model
 
     h = handoff(candidates, class_name)
@@ -118,6 +115,21 @@ def write_handoff(candidates, out_dir, class_name: str, base_model=None, text_en
     if any(str(c["name"]).lower() == h.class_name.lower() for c in lm.classes):
         raise InputError(f"the base model already has a class {h.class_name!r}; choose another name")
     labels = out / "labels.gpkg"
+    _write_labels(h, labels)
+    model, header, classes, report = _with_class(lm, h, colour, text_encoder, candidates)
+    base_path = save_model(out / "base_with_class.srmf", model, header)
+    (out / "classes.json").write_text(json.dumps({"classes": classes}, indent=2), encoding="utf-8")
+    sources = [{"raster": h.raster, "polygons": str(labels.resolve()), "field": "class"}]
+    (out / "sources.json").write_text(json.dumps(sources, indent=2), encoding="utf-8")
+    return {"labels": str(labels), "sources": str(out / "sources.json"), "classes": str(out / "classes.json"),
+            "base_model": str(base_path), "counts": h.counts, "class_changes": report}
+
+
+def _write_labels(h: HandOff, labels: Path) -> None:
+    """The hand-off's polygons as the GeoPackage ``labels`` (fields ``class`` = the class name and
+    ``source``), written under a temporary name and published when complete."""
+    from osgeo import ogr, osr
+
     tmp = partial_path(labels)
     tmp.unlink()  # the GeoPackage driver creates the file itself
     srs = None
@@ -137,6 +149,17 @@ def write_handoff(candidates, out_dir, class_name: str, base_model=None, text_en
     lyr = None
     ds = None
     publish(tmp, labels)
+
+
+def _with_class(lm, h: HandOff, colour: Optional[str], text_encoder, candidates):
+    """The base model with the new class added (:func:`core.model.adapt.adapt_classes`, its row from the
+    centroids) and the class table for fine-tuning (``value`` = id, the new class's = its name).
+
+    Returns:
+        ``(model, header with the hand-off in its provenance, classes, adapt_classes' report)``.
+    """
+    from core.model.adapt import adapt_classes
+
     classes = [{"name": c["name"], "colour": c.get("colour"), "prompt": c.get("prompt"), "value": int(c["id"])}
                for c in lm.classes]
     new = {"name": h.class_name, "value": h.class_name}
@@ -148,12 +171,8 @@ def write_handoff(candidates, out_dir, class_name: str, base_model=None, text_en
     classes.append({"name": new_entry["name"], "colour": new_entry["colour"], "prompt": new_entry["prompt"],
                     "value": h.class_name})
     header.setdefault("provenance", {})
+    # "coldstart": the key model files written so far carry (a file format: kept as it is)
     header["provenance"] = {**header["provenance"], "coldstart": {
         "class": h.class_name, "candidates": str(Path(str(candidates)).resolve()), "counts": h.counts,
         "init": "classifier row from the normalised mean of the findclass centroids"}}
-    base_path = save_model(out / "base_with_class.srmf", model, header)
-    (out / "classes.json").write_text(json.dumps({"classes": classes}, indent=2), encoding="utf-8")
-    sources = [{"raster": h.raster, "polygons": str(labels.resolve()), "field": "class"}]
-    (out / "sources.json").write_text(json.dumps(sources, indent=2), encoding="utf-8")
-    return {"labels": str(labels), "sources": str(out / "sources.json"), "classes": str(out / "classes.json"),
-            "base_model": str(base_path), "counts": h.counts, "class_changes": report}
+    return model, header, classes, report

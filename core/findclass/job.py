@@ -1,4 +1,4 @@
-"""Cold-start class discovery: "I have a new class and a few example polygons — where else is it?"
+"""Findclass, class discovery from a few examples: "I have a new class and a few example polygons — where else is it?"
 
 Transfer of the clustering-based targeting (CAT) of the music cold-start matcher (WWW'23 companion,
 arXiv 2308.02844, Sec. 3, "cold-start item targeting by clustering"): the representations of the
@@ -57,25 +57,26 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
 from core.errors import InputError
-from core.findclass.candidates import PatchScorer, _write_candidates, order_candidates
-from core.findclass.params import CANDIDATES_NAME
-from core.findclass.cells import CellGrid, FeatureRunner, sample_cell_features, stream_cell_maps
-from core.findclass.params import CELL, FEATURE_SPACES
-from core.findclass.examples import read_examples
-from core.findclass.prototypes import _cluster_sums, calibrate_threshold, relevance, spherical_kmeans
-from core.findclass.params import MODES
-from core.findclass.params import DEFAULTS, NODATA, RELEVANCE_NAME
 from core.files import check_writable_folder, partial_path
+from core.findclass.candidates import PatchScorer, order_candidates, write_candidates
+from core.findclass.cells import CellGrid, FeatureRunner, sample_cell_features, stream_cell_maps
+from core.findclass.examples import read_examples
+from core.findclass.params import CANDIDATES_NAME, CELL, DEFAULTS, FEATURE_SPACES, MODES, NODATA, RELEVANCE_NAME
+from core.findclass.prototypes import calibrate_threshold, cluster_sums, relevance, spherical_kmeans
+from core.windows import InferenceJob, check_inference_args, open_inference
 # clusters: 1 (one mean prototype) won the leave-one-class-out evaluation (README, bench/coldstart.py)
+KMEANS_ARGS = {k: DEFAULTS[k] for k in ("n_init", "min_points_per_cluster", "min_cluster_share")}
+"""The spherical k-means settings of the centroids and of the threshold's refits."""
 
 
-# -- the find-class job ----------------------------------------------------------------------------------
+# -- the findclass job -------------------------------------------------------------------------------------
 def _check_params(clusters, top_n, patch, mode, features, recall_target, max_per_polygon):
     if not isinstance(clusters, (int, np.integer)) or clusters < 1:
         raise InputError(f"--clusters must be at least 1 (got {clusters})")
@@ -168,10 +169,12 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
                reporter=None, prefetch: bool = True) -> dict:
     """Find where a new class occurs from a few example polygons (CAT, arXiv 2308.02844 Sec. 3).
 
+    The steps (module docstring): support → centroids → calibration → scoring → ranking → publishing.
+
     Args:
         raster: any raster GDAL reads. examples: a polygon layer (any OGR format; ``layer``, or QGIS's
-            ``path|layername=NAME`` form, picks one of several) with the example polygons, in any CRS. output_dir: folder for ``relevance.tif`` and
-            ``candidates.gpkg`` (created when missing).
+            ``path|layername=NAME`` form, picks one of several) with the example polygons, in any CRS.
+            output_dir: folder for ``relevance.tif`` and ``candidates.gpkg`` (created when missing).
         model: ``.srmf`` path or :class:`~core.model.modelfile.LoadedModel` (default: the embedded model).
         clusters: K, the upper bound on centroids (>= 1). top_n: candidates written. negative_field: a
             boolean field marking negative examples. patch: candidate patch size in pixels (multiple of
@@ -189,12 +192,8 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     Raises:
         InputError / ModelFileError: bad input, named; nothing is left in the output folder.
     """
-    from osgeo import gdal
-
     from core.protocol import Reporter
-    from core.geo.raster import StripReader, compute_scaling, crs_label, open_raster, select_bands
-    from core.device import DEFAULT_BATCH, resolve_device
-    from core.windows import SlidePlan, load_job_model, validate_window
+    from core.geo.raster import open_raster
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -202,240 +201,404 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     if layer is None and "|layername=" in str(examples):  # QGIS's "path|layername=NAME" source form
         examples, rest = str(examples).split("|layername=", 1)
         layer = rest.split("|")[0]
-    if window is not None or stride is not None:
-        validate_window(window if window is not None else 512, stride if stride is not None else min(341, window or 341))
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_inference_args(window, stride, batch_size)
     ds = open_raster(raster)
     if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
         raise InputError(f"Example polygon layer not found: {examples}")
-    dev = resolve_device(device)
-    lm, window, stride = load_job_model(model, window, stride, rep,
-                                        "its features are ImageNet backbone features through a random head, "
-                                        "and 'resembles' is not meaningful")
-    header = lm.header
-    inp = header["input"]
-    band_list = select_bands(ds, raster, bands, inp["bands"])
-    H, W = ds.RasterYSize, ds.RasterXSize
-    grid = CellGrid(H, W)
-    plan = SlidePlan(H, W, window, stride)
-    runner = FeatureRunner(lm.model, dev, features)
+    job = open_inference(ds, raster, model, window=window, stride=stride, batch_size=batch_size, device=device,
+                         bands=bands, rep=rep, untrained_note="its features are ImageNet backbone features through "
+                         "a random head, and 'resembles' is not meaningful")
+    grid = CellGrid(ds.RasterYSize, ds.RasterXSize)
+    runner = FeatureRunner(job.lm.model, job.device, features)
     polygons, ex_info = read_examples(examples, ds, grid, layer=layer, negative_field=negative_field,
                                       max_per_polygon=max_per_polygon, seed=seed, raster_name=str(raster),
                                       reporter=rep)
     out_dir, created = _prepare_output_dir(output_dir, overwrite)
-    scaling = compute_scaling(ds, band_list, inp["scaling"], inp["value_range"])
-    for note in scaling.notes:
-        rep.log("scaling: " + note)
-    reader = StripReader(ds, band_list, scaling)
-    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
-    mean, std = inp["mean"], inp["std"]
-    rep.log(f"{raster}: {W} x {H} px, cell grid {grid.cols} x {grid.rows} (stride {CELL}); "
-            f"{ex_info['positive']} positive and {ex_info['negative']} negative example polygon(s), "
-            f"{ex_info['support_cells']} support cells sampled"
-            + ("; polygons reprojected to the raster's CRS" if ex_info["reprojected"] else ""))
-    for p in polygons:
-        if p.note:
-            rep.log(f"example {p.fid}: {p.note}")
-    tmp_paths: List[str] = []
+    run = _Run(raster, examples, negative_field, clusters, top_n, patch, mode, features, center, recall_target,
+               seed, prefetch, rep, job, grid, runner, job.strip_reader(rep), polygons, ex_info, out_dir,
+               ds.GetGeoTransform(can_return_null=True), ds.GetSpatialRef())
+    _log_start(run)
     try:
-        # 1. support features (+ a few evenly spread windows for the background mean)
-        all_cells = np.concatenate([p.cells for p in polygons])
-        windows = [(x, y) for y in plan.ys for x in plan.xs]
-        extra = []
-        if center:
-            n_extra = min(len(windows), DEFAULTS["center_windows"])
-            extra = [windows[int(i)] for i in np.linspace(0, len(windows) - 1, n_extra).round().astype(int)]
-        sup = sample_cell_features(reader.read, plan, grid, runner, mean, std, batch, all_cells, extra,
-                                   prefetch=prefetch, progress=lambda f: rep.progress(0.3 * f, "support features"))
-        background = sup["background_z"] if center else None
-        ok = sup["count"] > 0
-        z_all = _normalise_z(sup["z"], background)
-        groups_pos, groups_neg, fused_pos = [], [], []
-        start = 0
-        for p in polygons:
-            n = len(p.cells)
-            sel = slice(start, start + n)
-            start += n
-            keep = torch.from_numpy(ok[sel])
-            zg = z_all[sel][keep]
-            if not len(zg):
-                continue
-            (groups_neg if p.negative else groups_pos).append(zg)
-            if not p.negative:
-                fused_pos.append((sup["fused"][sel][keep], zg))
-        if not groups_pos:
-            raise InputError(f"{examples}: the positive example polygons fall only on nodata pixels of {raster}")
-        z_pos = torch.cat(groups_pos)
-        km_args = dict(n_init=DEFAULTS["n_init"], min_points_per_cluster=DEFAULTS["min_points_per_cluster"],
-                       min_cluster_share=DEFAULTS["min_cluster_share"])
-        cl = spherical_kmeans(z_pos, clusters, seed=seed, **km_args)
-        for note in cl.notes:
-            rep.log("clusters: " + note)
-        neg = None
-        if groups_neg:
-            z_neg = torch.cat(groups_neg)
-            neg = spherical_kmeans(z_neg, clusters, seed=seed, **km_args).centroids
-        fused_p = torch.cat([f for f, _ in fused_pos])
-        # the fused-space centroid of each cluster: what initialises the classifier row in the hand-off
-        init = F.normalize(_cluster_sums(cl.labels, fused_p, cl.centroids.shape[0]), dim=1)
-
-        def fit(x):
-            return spherical_kmeans(x, clusters, seed=seed, **km_args).centroids
-
-        def score(z, protos):
-            return relevance(z, protos, mode, neg)[0]
-
-        thr = calibrate_threshold(groups_pos, fit, score, recall_target, seed=seed)
-        rep.log(f"threshold {thr['threshold']:.4f}: {thr['recall_target']:.0%} of the held-out support scores above "
-                f"it ({thr['method']}, {thr['folds']} folds)")
-
-        # 2. relevance of every cell, patch scores, class prototypes
-        Kp = cl.centroids.shape[0]
-        Kn = 0 if neg is None else neg.shape[0]
-        nc = lm.num_classes
-        cen = cl.centroids.to(dev)
-        negc = None if neg is None else neg.to(dev)
-        clf_w = lm.model.head.classifier.weight.detach().float().flatten(1).to(dev)
-        clf_b = lm.model.head.classifier.bias.detach().float().to(dev)
-        proto_sum = torch.zeros((nc, clf_w.shape[1]), dtype=torch.float64)
-        proto_n = torch.zeros(nc, dtype=torch.float64)
-        bg = None if background is None else background.to(dev)
-
-        def cell_fn(block):
-            z = block["z"]
-            if bg is not None:
-                z = z - bg.view(-1, 1, 1)
-            z = F.normalize(z, dim=0, eps=1e-6)
-            sims = [torch.einsum("chw,kc->khw", z, cen)]
-            if negc is not None:
-                sims.append(torch.einsum("chw,kc->khw", z, negc))
-            fused = block["fused"]
-            logits = torch.einsum("chw,kc->khw", fused, clf_w) + clf_b.view(-1, 1, 1)
-            pred = logits.argmax(0).flatten()
-            fn = F.normalize(fused, dim=0, eps=1e-6).flatten(1).T.double().cpu()
-            proto_sum.add_(_cluster_sums(pred.cpu(), fn, nc))
-            proto_n.add_(torch.bincount(pred.cpu(), minlength=nc).double())
-            return torch.cat(sims + [logits], 0)
-
-        gt = ds.GetGeoTransform(can_return_null=True)
-        srs = ds.GetSpatialRef()
-        cgt = grid.geotransform(gt or (0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-        rel_tmp = str(partial_path(out_dir / RELEVANCE_NAME))
-        tmp_paths.append(rel_tmp)
-        from core.geo.raster import GTIFF_OPTIONS
-
-        rel_ds = gdal.GetDriverByName("GTiff").Create(rel_tmp, grid.cols, grid.rows, 1, gdal.GDT_Float32,
-                                                      list(GTIFF_OPTIONS) + ["PREDICTOR=3"])
-        if gt is not None:
-            rel_ds.SetGeoTransform(cgt)
-        if srs is not None:
-            rel_ds.SetSpatialRef(srs)
-        rel_band = rel_ds.GetRasterBand(1)
-        rel_band.SetNoDataValue(NODATA)
-        rel_band.SetDescription(f"relevance ({mode} cosine to {Kp} centroid(s)); threshold {thr['threshold']:.4f}")
-        scorer = PatchScorer(grid, patch // CELL)
-        stats = {"cells": 0, "above": 0}
-
-        def on_rows(r0, maps):
-            sims = maps[:Kp]
-            nan = ~np.isfinite(sims[0])
-            s = np.nan_to_num(sims, nan=-2.0)
-            cluster = s.argmax(0)
-            r = s.max(0) if mode == "max" else s.mean(0)
-            if Kn:
-                s_neg = np.nan_to_num(maps[Kp:Kp + Kn], nan=-2.0).max(0)
-                r = r - np.clip(s_neg - r, 0.0, None)
-            r = r.astype(np.float32)
-            r[nan] = np.nan
-            rel_band.WriteArray(np.where(nan, NODATA, r).astype(np.float32), 0, r0)
-            stats["cells"] += int((~nan).sum())
-            stats["above"] += int((r[~nan] >= thr["threshold"]).sum())
-            scorer.add(r0, r, cluster)
-
-        sm = stream_cell_maps(reader.read, plan, grid, runner, mean, std, batch, cell_fn, Kp + Kn + nc, on_rows,
-                              prefetch=prefetch, progress=lambda f: rep.progress(0.3 + 0.65 * f, "relevance"))
-        rel_band = None
-        rel_ds.FlushCache()
-        rel_ds = None
-
-        # 3. candidates: leave out patches that the examples mostly cover; alternate between clusters
-        pc = patch // CELL
-        known = {}
-        for p in polygons:
-            pr, pcl = p.covered[:, 0] // pc, p.covered[:, 1] // pc
-            for key, n in zip(*np.unique(pr * 1_000_000 + pcl, return_counts=True)):
-                known[int(key)] = known.get(int(key), 0) + int(n)
-        patches = []
-        for pt in scorer.patches:
-            cells_in = min(pc, grid.rows - pt.row * pc) * min(pc, grid.cols - pt.col * pc)
-            pt.known = known.get(pt.row * 1_000_000 + pt.col, 0) / max(1, cells_in)
-            if pt.known < DEFAULTS["exclude_share"] and pt.valid >= 0.25:
-                patches.append(pt)
-        ranked = order_candidates(patches, top_n, thr["threshold"])
-        gpkg_tmp = str(partial_path(out_dir / CANDIDATES_NAME))
-        os.unlink(gpkg_tmp)  # the GeoPackage driver creates the file itself
-        tmp_paths.append(gpkg_tmp)
-        meta = {
-            "format": "srmf-findclass", "version": 1,
-            "raster": str(Path(str(raster)).resolve()), "examples": str(Path(str(examples)).resolve()),
-            "layer": ex_info["layer"], "negative_field": negative_field, "model": str(lm.path),
-            "features": features, "mode": mode, "center": center, "cell": CELL, "patch": patch,
-            "threshold": thr, "clusters": [{"cluster": i + 1, "size": s} for i, s in enumerate(cl.sizes)],
-            "centroids": cl.centroids.tolist(), "init_centroids": init.tolist(),
-            "negative_centroids": None if neg is None else neg.tolist(),
-            "background": None if background is None else background.tolist(),
-            "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        cand_rows = _write_candidates(gpkg_tmp, ranked, grid, pc, gt, srs, meta)
-        pred_means = None
-        if float(proto_n.sum()) > 0:
-            pred_means = (proto_sum / proto_n.clamp_min(1.0)[:, None]).float()
-            pred_means[proto_n == 0] = float("nan")
-        res_cls = resembles(init, lm.model, lm.classes, pred_means)
-        rep.log("resembles: " + ", ".join(
-            f"{d['name']} (cosine {d['predicted_cosine'] if d['predicted_cosine'] is not None else 'n/a'} to its "
-            f"predicted-cell prototype, {d['classifier_cosine']} to its classifier row)" for d in res_cls))
-        os.replace(rel_tmp, out_dir / RELEVANCE_NAME)
-        aux = out_dir / (RELEVANCE_NAME + ".aux.xml")
-        if os.path.exists(rel_tmp + ".aux.xml"):
-            os.replace(rel_tmp + ".aux.xml", aux)
-        elif aux.exists():
-            aux.unlink()
-        if (out_dir / CANDIDATES_NAME).exists():
-            (out_dir / CANDIDATES_NAME).unlink()
-        os.replace(gpkg_tmp, out_dir / CANDIDATES_NAME)
+        support = _support(run)
+        cen = _centroids(run, support)
+        thr = _calibrate(run, support, cen)
+        scores = _score(run, support, cen, thr)
+        patches, ranked = _rank(run, scores, thr)
+        published = _publish(run, support, cen, thr, scores, ranked)
     except BaseException:
-        for t in tmp_paths:
-            for f in (t, t + ".aux.xml", t + "-wal", t + "-shm", t + "-journal"):
-                if os.path.exists(f):
-                    os.unlink(f)
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        _discard(run.tmp_paths, out_dir, created)
         raise
     rep.progress(1.0, "done")
+    return _result(run, support, cen, thr, scores, patches, published, t_start)
+
+
+@dataclass
+class _Run:
+    """One findclass run between its steps: the arguments, the opened raster, model and examples, the
+    output folder and the temporary files written so far (removed on failure)."""
+
+    raster: object
+    examples: object
+    negative_field: Optional[str]
+    clusters: int
+    top_n: int
+    patch: int
+    mode: str
+    features: str
+    center: bool
+    recall_target: float
+    seed: int
+    prefetch: bool
+    rep: object
+    job: InferenceJob
+    grid: CellGrid
+    runner: FeatureRunner
+    reader: object
+    polygons: list
+    ex_info: dict
+    out_dir: Path
+    gt: Optional[Tuple[float, ...]]
+    srs: object
+    tmp_paths: List[str] = field(default_factory=list)
+
+    def cell_features(self, cells, extra, progress) -> dict:
+        """:func:`sample_cell_features` of this run's raster and model."""
+        j = self.job
+        return sample_cell_features(self.reader.read, j.plan, self.grid, self.runner, j.input["mean"],
+                                    j.input["std"], j.batch, cells, extra, prefetch=self.prefetch, progress=progress)
+
+
+def _log_start(run: _Run) -> None:
+    info, grid, ds = run.ex_info, run.grid, run.job.ds
+    run.rep.log(f"{run.raster}: {ds.RasterXSize} x {ds.RasterYSize} px, cell grid {grid.cols} x {grid.rows} "
+                f"(stride {CELL}); {info['positive']} positive and {info['negative']} negative example polygon(s), "
+                f"{info['support_cells']} support cells sampled"
+                + ("; polygons reprojected to the raster's CRS" if info["reprojected"] else ""))
+    for p in run.polygons:
+        if p.note:
+            run.rep.log(f"example {p.fid}: {p.note}")
+
+
+# -- 1. support ------------------------------------------------------------------------------------------
+@dataclass
+class _Support:
+    """The support's features: ``groups_pos`` / ``groups_neg`` per polygon unit vectors float32 (n_p, C');
+    ``fused_pos`` per positive polygon ``(fused (n_p, 256), z (n_p, C'))``; ``background`` float32 (C',)
+    or None (not centred); ``windows`` run."""
+
+    groups_pos: List[torch.Tensor]
+    groups_neg: List[torch.Tensor]
+    fused_pos: List[Tuple[torch.Tensor, torch.Tensor]]
+    background: Optional[torch.Tensor]
+    windows: int
+
+
+def _support(run: _Run) -> _Support:
+    """Step 1: the features of the support cells (and of a few evenly spread windows for the background
+    mean), centred, normalised and grouped by polygon; cells on nodata are dropped.
+
+    Raises:
+        InputError: every positive support cell is on nodata.
+    """
+    plan = run.job.plan
+    all_cells = np.concatenate([p.cells for p in run.polygons])
+    windows = [(x, y) for y in plan.ys for x in plan.xs]
+    extra = []
+    if run.center:
+        n_extra = min(len(windows), DEFAULTS["center_windows"])
+        extra = [windows[int(i)] for i in np.linspace(0, len(windows) - 1, n_extra).round().astype(int)]
+    sup = run.cell_features(all_cells, extra, lambda f: run.rep.progress(0.3 * f, "support features"))
+    background = sup["background_z"] if run.center else None
+    ok = sup["count"] > 0
+    z_all = _normalise_z(sup["z"], background)
+    groups_pos, groups_neg, fused_pos = [], [], []
+    start = 0
+    for p in run.polygons:
+        n = len(p.cells)
+        sel = slice(start, start + n)
+        start += n
+        keep = torch.from_numpy(ok[sel])
+        zg = z_all[sel][keep]
+        if not len(zg):
+            continue
+        (groups_neg if p.negative else groups_pos).append(zg)
+        if not p.negative:
+            fused_pos.append((sup["fused"][sel][keep], zg))
+    if not groups_pos:
+        raise InputError(f"{run.examples}: the positive example polygons fall only on nodata pixels of {run.raster}")
+    return _Support(groups_pos, groups_neg, fused_pos, background, sup["windows"])
+
+
+# -- 2. centroids ----------------------------------------------------------------------------------------
+@dataclass
+class _Centroids:
+    """``cl``: the positive :class:`~core.findclass.prototypes.Clusters`; ``neg``: negative centroids
+    float32 (Kn, C') or None; ``init``: the fused-space centroid of each cluster, float32 (K', 256), unit
+    norm (what initialises the classifier row in the hand-off); ``support_cells``: positive cells."""
+
+    cl: object
+    neg: Optional[torch.Tensor]
+    init: torch.Tensor
+    support_cells: int
+
+
+def _centroids(run: _Run, support: _Support) -> _Centroids:
+    """Step 2: spherical k-means of the positive support (and of the negative one), and each cluster's
+    centroid in the fused space."""
+    z_pos = torch.cat(support.groups_pos)
+    cl = spherical_kmeans(z_pos, run.clusters, seed=run.seed, **KMEANS_ARGS)
+    for note in cl.notes:
+        run.rep.log("clusters: " + note)
+    neg = None
+    if support.groups_neg:
+        z_neg = torch.cat(support.groups_neg)
+        neg = spherical_kmeans(z_neg, run.clusters, seed=run.seed, **KMEANS_ARGS).centroids
+    fused_p = torch.cat([f for f, _ in support.fused_pos])
+    init = F.normalize(cluster_sums(cl.labels, fused_p, cl.centroids.shape[0]), dim=1)
+    return _Centroids(cl, neg, init, int(len(z_pos)))
+
+
+# -- 3. calibration --------------------------------------------------------------------------------------
+def _calibrate(run: _Run, support: _Support, cen: _Centroids) -> dict:
+    """Step 3: the relevance threshold from the held-out support
+    (:func:`~core.findclass.prototypes.calibrate_threshold`), logged."""
+
+    def fit(x):
+        return spherical_kmeans(x, run.clusters, seed=run.seed, **KMEANS_ARGS).centroids
+
+    def score(z, protos):
+        return relevance(z, protos, run.mode, cen.neg)[0]
+
+    thr = calibrate_threshold(support.groups_pos, fit, score, run.recall_target, seed=run.seed)
+    run.rep.log(f"threshold {thr['threshold']:.4f}: {thr['recall_target']:.0%} of the held-out support scores "
+                f"above it ({thr['method']}, {thr['folds']} folds)")
+    return thr
+
+
+# -- 4. scoring ------------------------------------------------------------------------------------------
+class _CellMaps:
+    """The ``cell_fn`` of :func:`stream_cell_maps` for scoring: per cell the cosines to the Kp positive and
+    Kn negative centroids and the model's logits (Kp + Kn + num_classes channels); it also sums the
+    normalised fused feature of the cells predicted as each class (the classes' predicted prototypes)."""
+
+    def __init__(self, lm, dev: torch.device, cen: _Centroids, background: Optional[torch.Tensor]):
+        self.Kp = cen.cl.centroids.shape[0]
+        self.Kn = 0 if cen.neg is None else cen.neg.shape[0]
+        self.nc = nc = lm.num_classes
+        self.cen = cen.cl.centroids.to(dev)
+        self.negc = None if cen.neg is None else cen.neg.to(dev)
+        self.clf_w = lm.model.head.classifier.weight.detach().float().flatten(1).to(dev)
+        self.clf_b = lm.model.head.classifier.bias.detach().float().to(dev)
+        self.proto_sum = torch.zeros((nc, self.clf_w.shape[1]), dtype=torch.float64)
+        self.proto_n = torch.zeros(nc, dtype=torch.float64)
+        self.bg = None if background is None else background.to(dev)
+
+    @property
+    def channels(self) -> int:
+        return self.Kp + self.Kn + self.nc
+
+    def __call__(self, block):
+        z = block["z"]
+        if self.bg is not None:
+            z = z - self.bg.view(-1, 1, 1)
+        z = F.normalize(z, dim=0, eps=1e-6)
+        sims = [torch.einsum("chw,kc->khw", z, self.cen)]
+        if self.negc is not None:
+            sims.append(torch.einsum("chw,kc->khw", z, self.negc))
+        fused = block["fused"]
+        logits = torch.einsum("chw,kc->khw", fused, self.clf_w) + self.clf_b.view(-1, 1, 1)
+        pred = logits.argmax(0).flatten()
+        fn = F.normalize(fused, dim=0, eps=1e-6).flatten(1).T.double().cpu()
+        self.proto_sum.add_(cluster_sums(pred.cpu(), fn, self.nc))
+        self.proto_n.add_(torch.bincount(pred.cpu(), minlength=self.nc).double())
+        return torch.cat(sims + [logits], 0)
+
+    def predicted_means(self) -> Optional[torch.Tensor]:
+        """float32 (num_classes, 256) mean fused feature per predicted class (NaN rows: never predicted),
+        or None when no cell was scored."""
+        if float(self.proto_n.sum()) <= 0:
+            return None
+        pred_means = (self.proto_sum / self.proto_n.clamp_min(1.0)[:, None]).float()
+        pred_means[self.proto_n == 0] = float("nan")
+        return pred_means
+
+
+@dataclass
+class _Scores:
+    """What scoring leaves: the patch ``scorer``, ``stats`` (cells scored / above the threshold), the
+    class ``maps`` (predicted prototypes), the relevance raster's temporary path and the windows run."""
+
+    scorer: PatchScorer
+    stats: dict
+    maps: _CellMaps
+    rel_tmp: str
+    windows: int
+
+
+def _relevance_raster(run: _Run, description: str):
+    """The relevance GeoTIFF (float32, one band, the cell grid) under a temporary name (recorded in
+    ``run.tmp_paths``): ``(path, dataset)``."""
+    from osgeo import gdal
+
+    from core.geo.raster import GTIFF_OPTIONS
+
+    grid = run.grid
+    rel_tmp = str(partial_path(run.out_dir / RELEVANCE_NAME))
+    run.tmp_paths.append(rel_tmp)
+    rel_ds = gdal.GetDriverByName("GTiff").Create(rel_tmp, grid.cols, grid.rows, 1, gdal.GDT_Float32,
+                                                  list(GTIFF_OPTIONS) + ["PREDICTOR=3"])
+    if run.gt is not None:
+        rel_ds.SetGeoTransform(grid.geotransform(run.gt))
+    if run.srs is not None:
+        rel_ds.SetSpatialRef(run.srs)
+    rel_band = rel_ds.GetRasterBand(1)
+    rel_band.SetNoDataValue(NODATA)
+    rel_band.SetDescription(description)
+    return rel_tmp, rel_ds
+
+
+def _score(run: _Run, support: _Support, cen: _Centroids, thr: dict) -> _Scores:
+    """Step 4: the relevance of every cell (written to the relevance raster row by row), the patch
+    scores and the classes' predicted prototypes, in one pass of the windows."""
+    maps = _CellMaps(run.job.lm, run.job.device, cen, support.background)
+    Kp, Kn = maps.Kp, maps.Kn
+    rel_tmp, rel_ds = _relevance_raster(
+        run, f"relevance ({run.mode} cosine to {Kp} centroid(s)); threshold {thr['threshold']:.4f}")
+    rel_band = rel_ds.GetRasterBand(1)
+    scorer = PatchScorer(run.grid, run.patch // CELL)
+    stats = {"cells": 0, "above": 0}
+
+    def on_rows(r0, cell_maps):
+        sims = cell_maps[:Kp]
+        nan = ~np.isfinite(sims[0])
+        s = np.nan_to_num(sims, nan=-2.0)
+        cluster = s.argmax(0)
+        r = s.max(0) if run.mode == "max" else s.mean(0)
+        if Kn:
+            s_neg = np.nan_to_num(cell_maps[Kp:Kp + Kn], nan=-2.0).max(0)
+            r = r - np.clip(s_neg - r, 0.0, None)
+        r = r.astype(np.float32)
+        r[nan] = np.nan
+        rel_band.WriteArray(np.where(nan, NODATA, r).astype(np.float32), 0, r0)
+        stats["cells"] += int((~nan).sum())
+        stats["above"] += int((r[~nan] >= thr["threshold"]).sum())
+        scorer.add(r0, r, cluster)
+
+    j = run.job
+    sm = stream_cell_maps(run.reader.read, j.plan, run.grid, run.runner, j.input["mean"], j.input["std"], j.batch,
+                          maps, maps.channels, on_rows, prefetch=run.prefetch,
+                          progress=lambda f: run.rep.progress(0.3 + 0.65 * f, "relevance"))
+    rel_band = None
+    rel_ds.FlushCache()
+    rel_ds = None
+    return _Scores(scorer, stats, maps, rel_tmp, sm["windows"])
+
+
+# -- 5. ranking ------------------------------------------------------------------------------------------
+def _rank(run: _Run, scores: _Scores, thr: dict):
+    """Step 5: the patches worth reviewing (not mostly covered by the examples, at least a quarter valid)
+    and the review list (:func:`~core.findclass.candidates.order_candidates`): ``(patches, ranked)``."""
+    grid = run.grid
+    pc = run.patch // CELL
+    known = {}
+    for p in run.polygons:
+        pr, pcl = p.covered[:, 0] // pc, p.covered[:, 1] // pc
+        for key, n in zip(*np.unique(pr * 1_000_000 + pcl, return_counts=True)):
+            known[int(key)] = known.get(int(key), 0) + int(n)
+    patches = []
+    for pt in scores.scorer.patches:
+        cells_in = min(pc, grid.rows - pt.row * pc) * min(pc, grid.cols - pt.col * pc)
+        pt.known = known.get(pt.row * 1_000_000 + pt.col, 0) / max(1, cells_in)
+        if pt.known < DEFAULTS["exclude_share"] and pt.valid >= 0.25:
+            patches.append(pt)
+    return patches, order_candidates(patches, run.top_n, thr["threshold"])
+
+
+# -- 6. publishing ---------------------------------------------------------------------------------------
+def _run_meta(run: _Run, support: _Support, cen: _Centroids, thr: dict) -> dict:
+    """The run's parameters, threshold and centroids, stored with the candidates for the hand-off."""
+    neg, background = cen.neg, support.background
+    return {
+        "format": "srmf-findclass", "version": 1,
+        "raster": str(Path(str(run.raster)).resolve()), "examples": str(Path(str(run.examples)).resolve()),
+        "layer": run.ex_info["layer"], "negative_field": run.negative_field, "model": str(run.job.lm.path),
+        "features": run.features, "mode": run.mode, "center": run.center, "cell": CELL, "patch": run.patch,
+        "threshold": thr, "clusters": [{"cluster": i + 1, "size": s} for i, s in enumerate(cen.cl.sizes)],
+        "centroids": cen.cl.centroids.tolist(), "init_centroids": cen.init.tolist(),
+        "negative_centroids": None if neg is None else neg.tolist(),
+        "background": None if background is None else background.tolist(),
+        "seed": run.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _publish(run: _Run, support: _Support, cen: _Centroids, thr: dict, scores: _Scores, ranked) -> dict:
+    """Step 6: the candidates GeoPackage, "resembles" (logged), then both outputs moved to their names.
+    Returns ``{"candidates": rows written, "resembles": [...]}``."""
+    out_dir = run.out_dir
+    gpkg_tmp = str(partial_path(out_dir / CANDIDATES_NAME))
+    os.unlink(gpkg_tmp)  # the GeoPackage driver creates the file itself
+    run.tmp_paths.append(gpkg_tmp)
+    cand_rows = write_candidates(gpkg_tmp, ranked, run.grid, run.patch // CELL, run.gt, run.srs,
+                                 _run_meta(run, support, cen, thr))
+    lm = run.job.lm
+    res_cls = resembles(cen.init, lm.model, lm.classes, scores.maps.predicted_means())
+    run.rep.log("resembles: " + ", ".join(
+        f"{d['name']} (cosine {d['predicted_cosine'] if d['predicted_cosine'] is not None else 'n/a'} to its "
+        f"predicted-cell prototype, {d['classifier_cosine']} to its classifier row)" for d in res_cls))
+    rel_tmp = scores.rel_tmp
+    os.replace(rel_tmp, out_dir / RELEVANCE_NAME)
+    aux = out_dir / (RELEVANCE_NAME + ".aux.xml")
+    if os.path.exists(rel_tmp + ".aux.xml"):
+        os.replace(rel_tmp + ".aux.xml", aux)
+    elif aux.exists():
+        aux.unlink()
+    if (out_dir / CANDIDATES_NAME).exists():
+        (out_dir / CANDIDATES_NAME).unlink()
+    os.replace(gpkg_tmp, out_dir / CANDIDATES_NAME)
+    return {"candidates": cand_rows, "resembles": res_cls}
+
+
+def _discard(tmp_paths: Sequence[str], out_dir: Path, created: bool) -> None:
+    """Remove the temporary outputs (and their GDAL/SQLite side files), and the folder when created."""
+    for t in tmp_paths:
+        for f in (t, t + ".aux.xml", t + "-wal", t + "-shm", t + "-journal"):
+            if os.path.exists(f):
+                os.unlink(f)
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _result(run: _Run, support: _Support, cen: _Centroids, thr: dict, scores: _Scores, patches, published: dict,
+            t_start: float) -> dict:
+    """The JSON-able result of :func:`find_class` (the share above the threshold logged)."""
+    gt, srs, stats, grid, cl, ds = run.gt, run.srs, scores.stats, run.grid, cen.cl, run.job.ds
+    from core.geo.raster import crs_label
+
     pix_area = None
     if gt is not None and srs is not None and not srs.IsGeographic():
         pix_area = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
     above_share = stats["above"] / max(1, stats["cells"])
-    rep.log(f"{stats['above']} of {stats['cells']} cells ({above_share:.1%}) score at or above the threshold")
+    run.rep.log(f"{stats['above']} of {stats['cells']} cells ({above_share:.1%}) score at or above the threshold")
     seconds = time.perf_counter() - t_start
+    out_dir, lm = run.out_dir, run.job.lm
     return {
         "output_dir": str(out_dir), "relevance": str(out_dir / RELEVANCE_NAME),
         "candidates": str(out_dir / CANDIDATES_NAME), "model": str(lm.path), "untrained_model": lm.untrained,
-        "raster": str(raster), "width": W, "height": H, "relevance_width": grid.cols, "relevance_height": grid.rows,
-        "crs": crs_label(srs), "cell": CELL, "patch": patch, "mode": mode, "features": features, "center": center,
-        "examples": {k: v for k, v in ex_info.items()},
-        "support_cells": int(len(z_pos)), "negative_cells": int(sum(len(g) for g in groups_neg)),
+        "raster": str(run.raster), "width": ds.RasterXSize, "height": ds.RasterYSize,
+        "relevance_width": grid.cols, "relevance_height": grid.rows,
+        "crs": crs_label(srs), "cell": CELL, "patch": run.patch, "mode": run.mode, "features": run.features,
+        "center": run.center, "examples": {k: v for k, v in run.ex_info.items()},
+        "support_cells": cen.support_cells, "negative_cells": int(sum(len(g) for g in support.groups_neg)),
         "clusters": {"requested": cl.k_requested, "used": cl.k_used, "kept": len(cl.sizes), "sizes": cl.sizes,
                      "dropped": cl.dropped, "objective": round(cl.objective, 4), "notes": cl.notes},
-        "negative_clusters": Kn,
+        "negative_clusters": scores.maps.Kn,
         "threshold": thr,
         "cells_above_threshold": stats["above"], "cells_scored": stats["cells"],
         "share_above_threshold": round(above_share, 6),
         "area_above_threshold_m2": None if pix_area is None else stats["above"] * pix_area * CELL * CELL,
-        "resembles": res_cls,
-        "patches_scored": len(scorer.patches), "patches_excluded_as_examples": len(scorer.patches) - len(patches),
-        "candidates_written": len(cand_rows), "candidate_patches": cand_rows,
-        "device": str(dev), "windows": sm["windows"] + sup["windows"], "seconds": round(seconds, 3),
+        "resembles": published["resembles"],
+        "patches_scored": len(scores.scorer.patches),
+        "patches_excluded_as_examples": len(scores.scorer.patches) - len(patches),
+        "candidates_written": len(published["candidates"]), "candidate_patches": published["candidates"],
+        "device": str(run.job.device), "windows": scores.windows + support.windows, "seconds": round(seconds, 3),
     }

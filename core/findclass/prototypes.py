@@ -70,9 +70,9 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return x[centres].clone()
 
 
-def _cluster_sums(labels: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-cluster sums of the rows of x (N, C) → (k, C), as a one-hot matrix product (CPU
-    ``index_add_`` is slow for few rows)."""
+def cluster_sums(labels: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster sums of the rows of x (N, C) float → (k, C) of x's dtype, for int64 labels (N,) in
+    0..k-1, as a one-hot matrix product (CPU ``index_add_`` is slow for few rows)."""
     return F.one_hot(labels, k).to(x.dtype).T @ x
 
 
@@ -85,7 +85,7 @@ def _lloyd(x: torch.Tensor, c: torch.Tensor, max_iter: int) -> Tuple[torch.Tenso
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        sums = _cluster_sums(labels, x, k)
+        sums = cluster_sums(labels, x, k)
         counts = torch.bincount(labels, minlength=k)
         for j in torch.nonzero(counts == 0).flatten().tolist():  # an empty cluster: re-seed at the worst point
             worst = int(sim.max(1).values.argmin())
@@ -155,7 +155,7 @@ def _spherical_kmeans(x, k, n_init, max_iter, seed, min_points_per_cluster, min_
     if dropped:
         c = c[keep]
         labels = (x @ c.T).argmax(1)
-        sums = _cluster_sums(labels, x, c.shape[0])
+        sums = cluster_sums(labels, x, c.shape[0])
         c = F.normalize(sums, dim=1, eps=1e-12)
         best_sim, labels = (x @ c.T).max(1)
         obj = float(best_sim.mean())

@@ -16,7 +16,7 @@ from .. import styling
 from ..layers import raster_source, vector_source
 from .base import SRMFAlgorithm, absolute, advanced
 
-# The engine's names and choices (core/coldstart.py: RELEVANCE_NAME, CANDIDATES_NAME, MODES, FEATURE_SPACES).
+# The engine's names and choices (core/findclass/params.py: RELEVANCE_NAME, CANDIDATES_NAME, MODES, FEATURE_SPACES).
 RELEVANCE_NAME = "relevance.tif"
 CANDIDATES_NAME = "candidates.gpkg"
 MODES = ["max", "mean"]
@@ -80,7 +80,7 @@ class FindClassAlgorithm(SRMFAlgorithm):
             extension="srmf", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             "CLUSTERS", self.tr("Clusters (K, the most centroids)"), QgsProcessingParameterNumber.Integer,
-            defaultValue=1, minValue=1, maxValue=64))  # core.coldstart.DEFAULTS["clusters"] (README: evaluation)
+            defaultValue=1, minValue=1, maxValue=64))  # core.findclass.params.DEFAULTS["clusters"] (README: evaluation)
         self.addParameter(QgsProcessingParameterNumber(
             "TOP_N", self.tr("Candidates to review (top N patches)"), QgsProcessingParameterNumber.Integer,
             defaultValue=100, minValue=1, maxValue=100000))
