@@ -49,7 +49,7 @@ def _norm_hex(c: str) -> str:
     return "#" + c.lstrip("#").upper()
 
 
-def _value_key(v: Any) -> str:
+def value_key(v: Any) -> str:
     """Canonical text of a label value, so that 3, 3.0 and "3" match (and "#3c1098" matches "#3C1098")."""
     if isinstance(v, bool):
         return str(int(v))
@@ -120,7 +120,7 @@ class ClassTable:
             else:
                 values = [i]
             for v in values:
-                k = _value_key(v)
+                k = value_key(v)
                 if k in seen_values:
                     raise InputError(f"{where}: value {v!r} is given to two classes "
                                      f"({self.classes[seen_values[k]].name!r} and {name!r})")
@@ -129,12 +129,12 @@ class ClassTable:
             self.classes.append(ClassInfo(i, name, colour, prompt, values))
         self.ignore = list(ignore)
         for v in self.ignore:
-            k = _value_key(v)
+            k = value_key(v)
             if k in seen_values:
                 raise InputError(f"{where}: value {v!r} is both ignored and the value of class "
                                  f"{self.classes[seen_values[k]].name!r}")
         self._lookup = seen_values
-        self._ignore_keys = {_value_key(v) for v in self.ignore}
+        self._ignore_keys = {value_key(v) for v in self.ignore}
         colourish = [isinstance(v, str) and v.strip().startswith("#") for c in self.classes for v in c.values]
         if any(colourish) and not all(colourish):
             raise InputError(f"{where}: class values mix colours (#RRGGBB) and other values")
@@ -221,7 +221,7 @@ class ClassTable:
 
     def lookup(self, value: Any) -> Optional[int]:
         """Class id of one source value; :data:`IGNORE` for an ignored value; None when unknown."""
-        k = _value_key(value)
+        k = value_key(value)
         if k in self._ignore_keys:
             return IGNORE
         return self._lookup.get(k)
@@ -260,7 +260,7 @@ class ClassTable:
         if bad.any():
             vals, counts = np.unique(a[bad], return_counts=True)
             for v, n in zip(vals, counts):
-                out_of_table[_value_key(v)] = int(n)
+                out_of_table[value_key(v)] = int(n)
             raise InputError(self._unexpected_message(where, out_of_table, "value"))
         return out
 

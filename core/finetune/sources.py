@@ -38,7 +38,7 @@ from core.geo.raster import StripReader, compute_scaling, open_raster, select_ba
 gdal.UseExceptions()
 ogr.UseExceptions()
 osr.UseExceptions()
-from core.classtable import ClassTable, IGNORE, _value_key, dubai_class_table, load_class_table
+from core.classtable import ClassTable, IGNORE, value_key, dubai_class_table, load_class_table
 from core.geo.vector import reprojected
 from core.geo.vector import open_layer, traditional
 from core.files import REPO_ROOT
@@ -340,7 +340,7 @@ def _class_id_layer(lyr, field_name: str, classes: ClassTable, ct, dst_srs, vect
         value = feat.GetField(idx)
         cid = classes.lookup(value)
         if cid is None:
-            k = _value_key(value)
+            k = value_key(value)
             unknown[k] = unknown.get(k, 0) + 1
             continue
         g = reprojected(geom, ct, vector, feat.GetFID(), "the raster's CRS")
