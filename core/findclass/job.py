@@ -193,30 +193,20 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
         InputError / ModelFileError: bad input, named; nothing is left in the output folder.
     """
     from core.protocol import Reporter
-    from core.geo.raster import open_raster
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
     _check_params(clusters, top_n, patch, mode, features, recall_target, max_per_polygon)
-    if layer is None and "|layername=" in str(examples):  # QGIS's "path|layername=NAME" source form
-        examples, rest = str(examples).split("|layername=", 1)
-        layer = rest.split("|")[0]
+    examples, layer = _layer_source(examples, layer)
     check_inference_args(window, stride, batch_size)
-    ds = open_raster(raster)
-    if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
-        raise InputError(f"Example polygon layer not found: {examples}")
-    job = open_inference(ds, raster, model, window=window, stride=stride, batch_size=batch_size, device=device,
-                         bands=bands, rep=rep, untrained_note="its features are ImageNet backbone features through "
-                         "a random head, and 'resembles' is not meaningful")
-    grid = CellGrid(ds.RasterYSize, ds.RasterXSize)
-    runner = FeatureRunner(job.lm.model, job.device, features)
+    ds, job, grid, runner = _open_inputs(raster, examples, model, window, stride, batch_size, device, bands,
+                                         features, rep)
     polygons, ex_info = read_examples(examples, ds, grid, layer=layer, negative_field=negative_field,
                                       max_per_polygon=max_per_polygon, seed=seed, raster_name=str(raster),
                                       reporter=rep)
     out_dir, created = _prepare_output_dir(output_dir, overwrite)
     run = _Run(raster, examples, negative_field, clusters, top_n, patch, mode, features, center, recall_target,
-               seed, prefetch, rep, job, grid, runner, job.strip_reader(rep), polygons, ex_info, out_dir,
-               ds.GetGeoTransform(can_return_null=True), ds.GetSpatialRef())
+               seed, prefetch, rep, job, grid, runner, job.strip_reader(rep), polygons, ex_info, out_dir)
     _log_start(run)
     try:
         support = _support(run)
@@ -228,8 +218,31 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     except BaseException:
         _discard(run.tmp_paths, out_dir, created)
         raise
-    rep.progress(1.0, "done")
     return _result(run, support, cen, thr, scores, patches, published, t_start)
+
+
+def _layer_source(examples, layer):
+    """QGIS's ``path|layername=NAME`` source form → ``(path, NAME)``; anything else as it is."""
+    if layer is None and "|layername=" in str(examples):
+        examples, rest = str(examples).split("|layername=", 1)
+        layer = rest.split("|")[0]
+    return examples, layer
+
+
+def _open_inputs(raster, examples, model, window, stride, batch_size, device, bands, features, rep):
+    """The raster, the example layer's existence, the model on its device (:func:`open_inference`), the
+    cell grid and the feature runner: ``(ds, job, grid, runner)``."""
+    from core.geo.raster import open_raster
+
+    ds = open_raster(raster)
+    if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
+        raise InputError(f"Example polygon layer not found: {examples}")
+    job = open_inference(ds, raster, model, window=window, stride=stride, batch_size=batch_size, device=device,
+                         bands=bands, rep=rep, untrained_note="its features are ImageNet backbone features through "
+                         "a random head, and 'resembles' is not meaningful")
+    grid = CellGrid(ds.RasterYSize, ds.RasterXSize)
+    runner = FeatureRunner(job.lm.model, job.device, features)
+    return ds, job, grid, runner
 
 
 @dataclass
@@ -257,9 +270,13 @@ class _Run:
     polygons: list
     ex_info: dict
     out_dir: Path
-    gt: Optional[Tuple[float, ...]]
-    srs: object
+    gt: Optional[Tuple[float, ...]] = field(init=False)
+    srs: object = field(init=False)
     tmp_paths: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.gt = self.job.ds.GetGeoTransform(can_return_null=True)
+        self.srs = self.job.ds.GetSpatialRef()
 
     def cell_features(self, cells, extra, progress) -> dict:
         """:func:`sample_cell_features` of this run's raster and model."""
@@ -570,7 +587,8 @@ def _discard(tmp_paths: Sequence[str], out_dir: Path, created: bool) -> None:
 
 def _result(run: _Run, support: _Support, cen: _Centroids, thr: dict, scores: _Scores, patches, published: dict,
             t_start: float) -> dict:
-    """The JSON-able result of :func:`find_class` (the share above the threshold logged)."""
+    """The JSON-able result of :func:`find_class` (progress "done"; the share above the threshold logged)."""
+    run.rep.progress(1.0, "done")
     gt, srs, stats, grid, cl, ds = run.gt, run.srs, scores.stats, run.grid, cen.cl, run.job.ds
     from core.geo.raster import crs_label
 

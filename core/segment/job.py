@@ -72,17 +72,12 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     Raises:
         InputError / ModelFileError: bad input, named; nothing is left under the output names.
     """
-    from osgeo import gdal
-
     from core.protocol import Reporter
     from core.geo.raster import open_raster, pixel_size_m, resolution_warning
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
-    # Finished rows are written as they come; a small block cache keeps GDAL from holding the whole
-    # output raster in memory until the end (its default is 5 % of RAM).
-    if gdal.GetCacheMax() > GDAL_CACHE_BYTES:
-        gdal.SetCacheMax(GDAL_CACHE_BYTES)
+    _limit_gdal_cache()
     # Parameters first: a wrong value fails at once, before the model or the raster is opened.
     check_inference_args(window, stride, batch_size)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
@@ -94,10 +89,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
     if gsd_note:
         rep.log(gsd_note, "warning")
-    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {job.bands}, "
-            f"{job.plan.n_windows} windows of {job.window} px (stride {job.stride}), model {job.lm.path.name} "
-            f"({job.lm.header['architecture']['backbone']}, {job.lm.num_classes} classes) on {job.device}"
-            + (f", nodata masked" if reader.masked else ""))
+    _log_job(job, input_path, reader.masked, rep)
     predictor = WindowPredictor(job.lm.model, job.device)
     counts = np.zeros(256, dtype=np.int64)
     outputs = []
@@ -114,6 +106,23 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
             o.discard()
         raise
     return _result(job, out, prob, counts, stats, rep, t_start)
+
+
+def _limit_gdal_cache() -> None:
+    """Finished rows are written as they come; a small block cache keeps GDAL from holding the whole
+    output raster in memory until the end (its default is 5 % of RAM)."""
+    from osgeo import gdal
+
+    if gdal.GetCacheMax() > GDAL_CACHE_BYTES:
+        gdal.SetCacheMax(GDAL_CACHE_BYTES)
+
+
+def _log_job(job, input_path, masked: bool, rep) -> None:
+    ds, lm = job.ds, job.lm
+    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {job.bands}, "
+            f"{job.plan.n_windows} windows of {job.window} px (stride {job.stride}), model {lm.path.name} "
+            f"({lm.header['architecture']['backbone']}, {lm.num_classes} classes) on {job.device}"
+            + (f", nodata masked" if masked else ""))
 
 
 def _check_outputs(input_path, output_path, probabilities, overwrite: bool) -> Tuple[Path, Optional[Path]]:
