@@ -79,6 +79,9 @@ def normalise(data: np.ndarray, valid: Optional[np.ndarray], mean: Sequence[floa
 
 @dataclass
 class Window:
+    """A window of a :class:`SlidePlan`: top-left ``x``, ``y`` and size ``w`` x ``h`` in raster pixels
+    (``w``, ``h`` under the window size only where the raster is smaller)."""
+
     x: int
     y: int
     w: int
@@ -131,9 +134,11 @@ class SlidePlan:
 
     @property
     def n_windows(self) -> int:
+        """Windows in the plan: rows × columns."""
         return len(self.ys) * len(self.xs)
 
     def row(self, y: int) -> List[Window]:
+        """The windows of the row of windows at offset ``y`` (pixels), left to right."""
         return [Window(x, y, self.win_w, self.win_h) for x in self.xs]
 
 

@@ -44,6 +44,8 @@ class PatchScorer:
         self.patches: List[Patch] = []
 
     def add(self, r0: int, rel: np.ndarray, cluster: np.ndarray) -> None:
+        """Add cell rows from ``r0`` (rows must come in order): relevance float32 (n, cols), NaN = nodata;
+        nearest cluster int (n, cols). Raises RuntimeError on rows out of order."""
         if r0 != self.r_next + len(self.rel):
             raise RuntimeError(f"cell rows must come in order: got row {r0}, expected {self.r_next + len(self.rel)}")
         self.rel = np.concatenate([self.rel, rel])

@@ -412,6 +412,7 @@ class _CellMaps:
 
     @property
     def channels(self) -> int:
+        """Kp + Kn + num_classes: the maps per cell."""
         return self.Kp + self.Kn + self.nc
 
     def __call__(self, block):
