@@ -12,7 +12,6 @@ Screenshots stay in tests/artifacts/desktop/. ``make test-desktop``.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import xml.etree.ElementTree as ET
