@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 from pathlib import Path
 
 from qgis.core import (QgsExpression, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
@@ -77,18 +78,49 @@ class SegmentAlgorithm(SRMFAlgorithm):
 
     # ---------------------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        source, layer_name = self._input(parameters, context)
+        model = self.model_path(parameters, "MODEL", context)
+        output, probabilities = self._raster_outputs(parameters, context)
+        polygons = self.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
+        args = self._engine_args(parameters, context, source, output, model, probabilities)
+        engine_share = 80.0 if polygons else 98.0
+        result = self.run_engine("segment", args, feedback, outputs=[output, probabilities],
+                                 progress_range=(0.0, engine_share))
+        classes = result.get("classes") or []
+        if model:
+            runtime.set_setting(runtime.SETTINGS_LAST_MODEL, model)
+        self._style(output, classes, layer_name, context, feedback)
+        results = {"OUTPUT": output, "OUTPUT_PROBABILITIES": probabilities or None,
+                   "AREA_NOTE": result.get("area_note") or "", "MODEL_USED": result.get("model", model or "")}
+        results["CLASS_AREAS"] = result.get("class_areas") or []
+        results["CLASSES"] = [dict(c) for c in classes]  # {id, name, colour}: what the raster was styled with
+        results["CRS"] = result.get("crs")
+        results["UNTRAINED_MODEL"] = bool(result.get("untrained_model"))
+        self._report_areas(result, feedback)
+        sink_id = self._area_table(parameters, context, result.get("class_areas") or [])
+        if sink_id is not None:
+            results["OUTPUT_AREAS"] = sink_id
+        if polygons:
+            results["OUTPUT_POLYGONS"] = self._polygonize(output, polygons, classes, layer_name, context,
+                                                          ScaledFeedback(feedback, engine_share, 100.0))
+        feedback.setProgress(100.0)
+        return results
+
+    def _input(self, parameters, context):
+        """(the raster's source for the engine, the layer name for the output's name)."""
         layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
         if layer is not None:
-            source = raster_source(layer)
-            layer_name = layer.name()
-        else:  # not loadable by QGIS: let the engine say what is wrong with the file
-            raw = parameters.get("INPUT")
-            source = str(raw) if isinstance(raw, str) else ""
-            if not source:
-                raise QgsProcessingException("No input raster: choose a raster layer or file.")
-            source = absolute(source) if os.path.exists(source) else source
-            layer_name = Path(source).stem
-        model = self.model_path(parameters, "MODEL", context)
+            return raster_source(layer), layer.name()
+        # not loadable by QGIS: let the engine say what is wrong with the file
+        raw = parameters.get("INPUT")
+        source = str(raw) if isinstance(raw, str) else ""
+        if not source:
+            raise QgsProcessingException("No input raster: choose a raster layer or file.")
+        source = absolute(source) if os.path.exists(source) else source
+        return source, Path(source).stem
+
+    def _raster_outputs(self, parameters, context):
+        """(classified raster, class probabilities or ""), both GeoTIFF paths. Raises on another extension."""
         output = absolute(self.parameterAsOutputLayer(parameters, "OUTPUT", context))
         if Path(output).suffix.lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(f"The classified raster is written as a GeoTIFF: give it the extension "
@@ -98,9 +130,11 @@ class SegmentAlgorithm(SRMFAlgorithm):
         if probabilities and Path(probabilities).suffix.lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(f"The class probabilities are written as a GeoTIFF: give them the "
                                          f"extension .tif (got {probabilities}).")
-        polygons = self.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
-        bands = self.parameterAsInts(parameters, "BANDS", context) if parameters.get("BANDS") else []
+        return output, probabilities
 
+    def _engine_args(self, parameters, context, source, output, model, probabilities) -> list:
+        """The arguments of ``python -m core segment``."""
+        bands = self.parameterAsInts(parameters, "BANDS", context) if parameters.get("BANDS") else []
         args = [source, output, "--overwrite", "--device", self.device_arg(parameters, context)]
         if model:
             args += ["--model", model]
@@ -112,14 +146,11 @@ class SegmentAlgorithm(SRMFAlgorithm):
             args += ["--bands", ",".join(str(b) for b in bands)]
         if probabilities:
             args += ["--probabilities", probabilities]
-        engine_share = 80.0 if polygons else 98.0
-        result = self.run_engine("segment", args, feedback, outputs=[output, probabilities],
-                                 progress_range=(0.0, engine_share))
-        classes = result.get("classes") or []
-        if model:
-            runtime.set_setting(runtime.SETTINGS_LAST_MODEL, model)
+        return args
 
-        # Style: beside the file (any later project) and when Processing loads it (this project).
+    @staticmethod
+    def _style(output: str, classes, layer_name: str, context, feedback) -> None:
+        """Style the class raster beside the file (any later project) and when Processing loads it."""
         qml = styling.write_class_qml(output, classes)
         if qml is None:
             feedback.pushWarning(f"Could not write the style file beside {output}.")
@@ -127,13 +158,8 @@ class SegmentAlgorithm(SRMFAlgorithm):
             context.layerToLoadOnCompletionDetails(output).setPostProcessor(
                 styling.ClassRasterPostProcessor.create(classes, f"{layer_name} \u2014 SRMF classes"))
 
-        results = {"OUTPUT": output, "OUTPUT_PROBABILITIES": probabilities or None,
-                   "AREA_NOTE": result.get("area_note") or "", "MODEL_USED": result.get("model", model or "")}
-        results["CLASS_AREAS"] = result.get("class_areas") or []
-        results["CLASSES"] = [dict(c) for c in classes]  # {id, name, colour}: what the raster was styled with
-        results["CRS"] = result.get("crs")
-        results["UNTRAINED_MODEL"] = bool(result.get("untrained_model"))
-        self._report_areas(result, feedback)
+    def _area_table(self, parameters, context, areas) -> Optional[str]:
+        """Write the class areas to the OUTPUT_AREAS table sink; its id, or None when not asked for."""
         sink_fields = QgsFields()
         for fname, ftype in (("class_id", QVariant.Int), ("class_name", QVariant.String),
                              ("pixels", QVariant.LongLong), ("area_m2", QVariant.Double),
@@ -141,20 +167,15 @@ class SegmentAlgorithm(SRMFAlgorithm):
             sink_fields.append(QgsField(fname, ftype))
         sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_AREAS", context, sink_fields,
                                              QgsWkbTypes.NoGeometry, QgsCoordinateReferenceSystem())
-        if sink is not None:
-            total = sum(int(a["pixels"]) for a in result.get("class_areas") or []) or 1
-            for a in result.get("class_areas") or []:
-                f = QgsFeature(sink_fields)
-                f.setAttributes([int(a["id"]), a["name"], int(a["pixels"]), a.get("area_m2"), a.get("area_ha"),
-                                 round(100.0 * int(a["pixels"]) / total, 3)])
-                sink.addFeature(f, QgsFeatureSink.FastInsert)
-            results["OUTPUT_AREAS"] = sink_id
-
-        if polygons:
-            results["OUTPUT_POLYGONS"] = self._polygonize(output, polygons, classes, layer_name, context,
-                                                          ScaledFeedback(feedback, engine_share, 100.0))
-        feedback.setProgress(100.0)
-        return results
+        if sink is None:
+            return None
+        total = sum(int(a["pixels"]) for a in areas) or 1
+        for a in areas:
+            f = QgsFeature(sink_fields)
+            f.setAttributes([int(a["id"]), a["name"], int(a["pixels"]), a.get("area_m2"), a.get("area_ha"),
+                             round(100.0 * int(a["pixels"]) / total, 3)])
+            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        return sink_id
 
     # ---------------------------------------------------------------------------------------------
     @staticmethod
