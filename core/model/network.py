@@ -39,6 +39,39 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
+class ConcatConvBNReLU(ConvBNReLU):
+    """A 1×1 ConvBNReLU on the channel concatenation of maps at several strides, each bilinearly upsampled
+    to ``size`` — computed without building the concatenation: a 1×1 convolution and bilinear upsampling
+    are linear on different axes and commute, so ``W · concat(up(x_1), …, up(x_n)) = Σ_i up(W_i · x_i)``
+    with ``W_i`` the columns of ``W`` for ``x_i``'s channels (exact up to float rounding). Each slice runs
+    at its map's own stride and the wide stride-4 concatenation (and its gradient) never exists: a memory
+    win of the head (issue 11, item 3). Same parameters (and state-dict keys) as :class:`ConvBNReLU`.
+
+    ``forward(parts, size)``: ``parts`` float (B, C_i, H_i, W_i) whose channels add up to ``in_channels``,
+    ``size`` (H, W) → (B, out_channels, H, W).
+    """
+
+    def forward(self, parts: Sequence[torch.Tensor], size) -> torch.Tensor:  # noqa: D102
+        conv, bn, relu = self[0], self[1], self[2]
+        if sum(x.shape[1] for x in parts) != conv.in_channels:
+            raise ValueError(f"the parts hold {sum(x.shape[1] for x in parts)} channels; the conv reads "
+                             f"{conv.in_channels}")
+        acc, c0 = None, 0
+        for x in parts:
+            y = F.conv2d(x, conv.weight[:, c0:c0 + x.shape[1]])
+            c0 += x.shape[1]
+            if y.shape[-2:] != tuple(size):
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            acc = y if acc is None else acc + y
+        return relu(bn(acc))
+
+    def reference(self, parts: Sequence[torch.Tensor], size) -> torch.Tensor:
+        """The same map the textbook way — upsample, concatenate, convolve (a test oracle; no hooks run)."""
+        ups = [x if x.shape[-2:] == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+               for x in parts]
+        return nn.Sequential.forward(self, torch.cat(ups, dim=1))
+
+
 class SRMFHead(nn.Module):
     """SRMF decode head: SegFormer's all-MLP head plus the text–visual fusion (paper, Sec. III-D).
 
@@ -63,14 +96,14 @@ class SRMFHead(nn.Module):
             if text_bank.ndim != 2:
                 raise ValueError(f"text_bank must be (N, D), got shape {tuple(text_bank.shape)}")
             n_concepts, embed_dim = text_bank.shape
-            self.projection = ConvBNReLU(4 * channels, embed_dim, 1)
+            self.projection = ConcatConvBNReLU(4 * channels, embed_dim, 1)
             # A buffer: saved in the model file, moved with .to(), never trained (paper: text side frozen).
             self.register_buffer("text_bank", F.normalize(text_bank.detach().float(), dim=1, eps=NORM_EPS))
             fused_in += n_concepts
         else:
             self.projection = None
             self.text_bank = None
-        self.fusion = ConvBNReLU(fused_in, channels, 1)
+        self.fusion = ConcatConvBNReLU(fused_in, channels, 1)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -78,34 +111,39 @@ class SRMFHead(nn.Module):
     def uses_text_bank(self) -> bool:
         return self.text_bank is not None
 
-    def forward_features(self, features: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The head's intermediate maps, all at stride 4.
+    def forward_features(self, features: Sequence[torch.Tensor], reference: bool = False) -> Dict[str, torch.Tensor]:
+        """The head's intermediate maps, all at stride 4 (paper, Sec. III-D).
+
+        The projection and fusion convolutions read F = concat of the four branch maps upsampled to stride
+        4; they are computed re-associated (:class:`ConcatConvBNReLU`), so F itself is never built.
 
         Args:
             features: four float tensors (B, C_i, H_i, W_i) at strides 4, 8, 16, 32.
+            reference: the textbook formulation instead (F built, then convolved): a test oracle, which
+                also returns F as ``"stages"`` (B, 1024, H/4, W/4).
 
         Returns:
-            ``{"stages": F (B, 1024, H/4, W/4), "embedding": P (B, D, H/4, W/4) unit-norm per pixel,
-            "similarity": S (B, N, H/4, W/4) in [-1, 1], "fused": G (B, 256, H/4, W/4)}``; without a
-            text bank only "stages" and "fused".
+            ``{"embedding": P (B, D, H/4, W/4) unit-norm per pixel, "similarity": S (B, N, H/4, W/4) in
+            [-1, 1], "fused": G (B, 256, H/4, W/4)}``; without a text bank only "fused".
         """
-        size = features[0].shape[-2:]
-        outs = []
-        for branch, feat in zip(self.branches, features):
-            y = branch(feat)
-            if y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            outs.append(y)
-        stages = torch.cat(outs, dim=1)
-        result = {"stages": stages}
+        size = tuple(features[0].shape[-2:])
+        branches = [branch(feat) for branch, feat in zip(self.branches, features)]
+        result = {}
+        if reference:
+            result["stages"] = torch.cat([y if y.shape[-2:] == size else
+                                          F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                                          for y in branches], dim=1)
+        apply = (lambda block, parts: block.reference(parts, size)) if reference else \
+            (lambda block, parts: block(parts, size))
+        parts = list(branches)
         if self.text_bank is not None:
-            embedding = F.normalize(self.projection(stages), dim=1, eps=NORM_EPS)
+            embedding = F.normalize(apply(self.projection, branches), dim=1, eps=NORM_EPS)
             bank = self.text_bank.to(embedding.dtype)
             similarity = torch.einsum("bdhw,nd->bnhw", embedding, bank)
             result["embedding"] = embedding
             result["similarity"] = similarity
-            stages = torch.cat([stages, similarity], dim=1)
-        result["fused"] = self.fusion(stages)
+            parts.append(similarity)
+        result["fused"] = apply(self.fusion, parts)
         return result
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

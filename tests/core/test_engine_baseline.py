@@ -1,6 +1,8 @@
-"""The engine behaves as it did before the layout redesign (issue 10): segment, evaluate, findclass and a
-seeded 20-iteration fine-tune on the real rasters, run through the CLI, against tests/engine_baseline.json
-(recorded on the code before anything moved; see tests/engine_baseline.py)."""
+"""The engine gives the recorded results: segment, evaluate, findclass and a seeded 20-iteration fine-tune on
+the real rasters, run through the CLI, against tests/engine_baseline.json (see tests/engine_baseline.py).
+It was recorded on the code before the layout redesign (issue 10: identical after it) and re-recorded
+only by commits that change the engine's numbers on purpose, which say what changed (issue 11's
+re-associated head: float rounding only)."""
 from __future__ import annotations
 
 import copy

@@ -21,7 +21,8 @@ def _features(b=2, h=32, w=48, zero=False):
 
 def test_shapes_follow_the_paper(head):
     out = head.forward_features(_features())
-    assert out["stages"].shape == (2, 1024, 32, 48)
+    assert "stages" not in out  # F = concat of the branches is never built (re-associated head, issue 11)
+    assert head.forward_features(_features(), reference=True)["stages"].shape == (2, 1024, 32, 48)
     assert out["embedding"].shape == (2, 384, 32, 48)
     assert out["similarity"].shape == (2, 54, 32, 48)
     assert out["fused"].shape == (2, 256, 32, 48)
