@@ -214,7 +214,6 @@ def _evaluate(pred_file, reference_path, reference_field, table, background, ign
     pred_ds, pband = _open_prediction(pred_file)
     table, raw_ids = _resolve_table(table, classes_from_raster(pred_ds), pred_file, rep)
     K = len(table)
-    _check_reference(reference_path, reference_field)
     if reference_field is None:
         ref = _RasterReference(reference_path, pred_ds, table, ignore, rep)
     else:
