@@ -52,7 +52,8 @@ VOLATILE = {"seconds", "megapixels_per_second", "peak_memory_mb", "peak_rss_mb",
 
 
 def _engine(args, tmp: Path) -> dict:
-    """Run ``python -m core ARGS --json``; the result line and the metrics lines, paths made relative."""
+    """Run ``python -m core ARGS --json``; the result line and the metrics lines, paths made relative
+    (to ``<tmp>``, ``<data>`` and ``<repo>``, so a clone anywhere compares equal)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "core", *map(str, args), "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -78,7 +79,7 @@ def _clean(obj, tmp: Path):
     if isinstance(obj, list):
         return [_clean(v, tmp) for v in obj]
     if isinstance(obj, str):
-        return obj.replace(str(tmp), "<tmp>").replace(str(ROOT), "<repo>")
+        return obj.replace(str(tmp), "<tmp>").replace(str(DATA), "<data>").replace(str(ROOT), "<repo>")
     return obj
 
 
