@@ -1,4 +1,4 @@
-"""What the SRMF algorithms share: running the engine, devices, optional numbers, help text."""
+"""What the SRMF algorithms share: running the engine, devices, precision, optional numbers, help text."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,12 @@ from .. import runtime
 
 ICONS = runtime.PLUGIN_DIR / "resources" / "icons"
 DEVICES = ["Automatic (a CUDA GPU if there is one, else the CPU)", "CPU", "CUDA GPU"]
+# PRECISION's options, in the order of the engine's ``--precision`` values (segment, findclass, finetune):
+# auto = bf16 autocast of the decode head where the device runs bf16 natively, kept only when the first
+# batch matches float32; fp32 = exact float32; bf16 = forced (the engine refuses it where not native).
+PRECISIONS = ["Automatic (bf16 where the CPU or GPU runs it natively and it matches float32)", "float32 (exact)",
+              "bf16"]
+PRECISION_ARGS = ["auto", "fp32", "bf16"]
 
 
 def icon(name: str) -> QIcon:
@@ -119,6 +125,15 @@ class SRMFAlgorithm(QgsProcessingAlgorithm):
         if choice == 2:
             return f"cuda:{self.parameterAsInt(parameters, 'GPU_ID', context)}"
         return "auto"
+
+    def add_precision_parameter(self):
+        self.addParameter(advanced(QgsProcessingParameterEnum(
+            "PRECISION", self.tr("Precision"), options=PRECISIONS, defaultValue=0)))
+
+    def precision_args(self, parameters, context) -> list:
+        """``["--precision", auto|fp32|bf16]`` of the PRECISION choice (absent = automatic)."""
+        choice = self.parameterAsEnum(parameters, "PRECISION", context)
+        return ["--precision", PRECISION_ARGS[choice if 0 <= choice < len(PRECISION_ARGS) else 0]]
 
     def optional_int(self, parameters, name, context) -> Optional[int]:
         value = parameters.get(name)

@@ -101,6 +101,7 @@ class FindClassAlgorithm(SRMFAlgorithm):
             "SEED", self.tr("Random seed (k-means, sampling)"), QgsProcessingParameterNumber.Integer,
             defaultValue=0, minValue=0)))
         self.add_device_parameters()
+        self.add_precision_parameter()
         self.addParameter(QgsProcessingParameterFolderDestination(
             "OUTPUT_FOLDER", self.tr("Output folder (relevance.tif, candidates.gpkg)")))
         self.addOutput(QgsProcessingOutputRasterLayer("OUTPUT_RELEVANCE", self.tr("Relevance")))
@@ -146,7 +147,8 @@ class FindClassAlgorithm(SRMFAlgorithm):
                 "--features", FEATURES[self.parameterAsEnum(parameters, "FEATURES", context)],
                 "--recall-target", repr(self.parameterAsDouble(parameters, "RECALL_TARGET", context)),
                 "--seed", str(self.parameterAsInt(parameters, "SEED", context)),
-                "--device", self.device_arg(parameters, context), "--overwrite"]
+                "--device", self.device_arg(parameters, context), *self.precision_args(parameters, context),
+                "--overwrite"]
         # "path|layername=x" of a multi-layer file: the engine takes the layer by name
         if "|layername=" in args[1]:
             path, rest = args[1].split("|layername=", 1)

@@ -33,7 +33,8 @@ class keeps what the model has learnt (blank: the class of the same name, or a n
 when there are several, else the bottom rows; or give <b>validation rasters</b> and their labels). The best
 model by validation mIoU is kept. Advanced: <b>class balancing</b> (SRMF's multi-scale anchored crops
 and rare-region resampling; on by default), training crop size, validation interval, gradient
-accumulation, seed, and <b>continue a stopped run</b>.</p>
+accumulation, seed, <b>precision</b> (automatic: bf16 autocast where the CPU or GPU runs it natively;
+float32: exact) and <b>continue a stopped run</b>.</p>
 <p>Output: the fine-tuned model file (.srmf) and a table of the per-class validation IoU.</p>"""
 
 
@@ -58,6 +59,7 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         self._add_data_parameters()
         self._add_training_parameters()
         self.add_device_parameters()
+        self.add_precision_parameter()
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "SEED", self.tr("Random seed"), QgsProcessingParameterNumber.Integer,
             defaultValue=TRAINING_DEFAULTS["seed"], minValue=0)))
@@ -201,7 +203,8 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         output = absolute(self.parameterAsFileOutput(parameters, "OUTPUT_MODEL", context))
         if not output.lower().endswith(".srmf"):
             output += ".srmf"
-        args = [output, "--overwrite", "--device", self.device_arg(parameters, context)]
+        args = [output, "--overwrite", "--device", self.device_arg(parameters, context),
+                *self.precision_args(parameters, context)]
         for r in rasters:
             args += ["--raster", layer_path(r, context, feedback, "training raster")]
         for lab in labels:

@@ -27,7 +27,9 @@ are stretched from their 2-98 % percentiles; the log says how.</p>
 <p><b>Model</b>: an SRMF model file (.srmf); blank = the model embedded in the plugin.</p>
 <p><b>Tile size</b> and <b>stride</b>: the sliding window in pixels (blank = the model's, 512 and 341:
 tiles overlap by a third and their predictions are averaged). <b>Batch size</b>: tiles per step
-(larger is faster on a GPU and needs more memory).</p>
+(larger is faster on a GPU and needs more memory). <b>Precision</b> (advanced): automatic runs the decode
+head in bf16 where the CPU or GPU does so natively, after checking the first batch against float32;
+float32 is exact; bf16 forces it (an error where it is not native).</p>
 <p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
 extent and pixel grid as the input; styled with the model's class colours and names, also written
 as a .qml beside it), optional <b>class probabilities</b> (one band per class, 0-250 = 0-100 %),
@@ -65,6 +67,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
             "BATCH_SIZE", self.tr("Batch size (tiles per step) [blank: automatic]"),
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)))
         self.add_device_parameters()
+        self.add_precision_parameter()
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Classified raster")))
         self.addParameter(QgsProcessingParameterRasterDestination(
             "OUTPUT_PROBABILITIES", self.tr("Class probabilities"), optional=True, createByDefault=False))
@@ -135,7 +138,8 @@ class SegmentAlgorithm(SRMFAlgorithm):
     def _engine_args(self, parameters, context, source, output, model, probabilities) -> list:
         """The arguments of ``python -m core segment``."""
         bands = self.parameterAsInts(parameters, "BANDS", context) if parameters.get("BANDS") else []
-        args = [source, output, "--overwrite", "--device", self.device_arg(parameters, context)]
+        args = [source, output, "--overwrite", "--device", self.device_arg(parameters, context),
+                *self.precision_args(parameters, context)]
         if model:
             args += ["--model", model]
         for name, flag in (("TILE_SIZE", "--window"), ("STRIDE", "--stride"), ("BATCH_SIZE", "--batch-size")):

@@ -218,10 +218,12 @@ def test_interpreter_without_torch_says_how_to_fix_it(provider, tmp_path, monkey
     assert not (tmp_path / "o.tif").exists()
 
 
-def test_explicit_bands_and_cpu_device_reach_the_engine(provider, tmp_path):
+def test_explicit_bands_cpu_device_and_float32_reach_the_engine(provider, tmp_path):
     fb = make_feedback()
     run_alg("srmf:segment", {"INPUT": str(OSBS), "BANDS": [3, 2, 1], "TILE_SIZE": 256, "STRIDE": 256,
-                             "BATCH_SIZE": 2, "DEVICE": 1, "OUTPUT": str(tmp_path / "o.tif"), "OUTPUT_AREAS": None}, fb)
+                             "BATCH_SIZE": 2, "DEVICE": 1, "PRECISION": 1, "OUTPUT": str(tmp_path / "o.tif"),
+                             "OUTPUT_AREAS": None}, fb)
     cmd = fb.commands[0]
     assert "--bands 3,2,1" in cmd and "--device cpu" in cmd and "--batch-size 2" in cmd
+    assert "--precision fp32" in cmd  # PRECISION "float32 (exact)": the engine accepts it and runs
     assert any("bands [3, 2, 1]" in i for i in fb.infos)
