@@ -33,4 +33,4 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 # windows per forward pass by device type, when a sliding-window job (segment, findclass) is given none
-DEFAULT_BATCH = {"cpu": 2, "cuda": 16}  # CPU: each window in a batch costs ~330 MiB in the head
+DEFAULT_BATCH = {"cpu": 2, "cuda": 16}  # a CPU job picks its own from the free memory (core.execution.cpu_batch_size)

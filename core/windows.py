@@ -42,27 +42,42 @@ def validate_window(window: int, stride: int) -> None:
 class WindowPredictor:
     """Runs the network on batches of windows and returns full-resolution logits.
 
-    On CUDA: pinned host memory, non-blocking copies and bf16 (or fp16) autocast; logits come back
-    as float32. Call: float32 (B, 3, window, window), normalised → float32 (B, K, window, window) on
-    the compute device.
+    Model and batches in channels_last memory; the job's precision (:mod:`core.execution`: float32, or
+    bf16 autocast where native, guarded on the first batch for ``auto``); on CUDA pinned host memory and
+    non-blocking copies. Logits come back as float32. Call: float32 (B, 3, window, window), normalised →
+    float32 (B, K, window, window) on the compute device.
+
+    Args:
+        model: the network. device: the compute device. precision: a :class:`core.execution.Precision`
+            or a ``--precision`` spec (``auto``, ``fp32``, ``bf16``); default float32, the exact path (a guarded
+            ``auto`` predictor runs its first call in float32 and later ones in bf16). log: ``log(text, level)`` for the
+            precision check's line (e.g. a Reporter's ``log``).
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp: bool = True):
-        self.model = model.eval().to(device)
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision="fp32",
+                 log: Optional[Callable[[str, str], None]] = None):
+        from core.execution import GuardedRun, Precision, prepare_model, resolve_precision
+
+        self.model = prepare_model(model.eval(), device)
         self.device = device
         self.cuda = device.type == "cuda"
-        self.amp_dtype = None
-        if self.cuda and amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if not isinstance(precision, Precision):
+            precision = resolve_precision(precision, device)
+        self.run = GuardedRun(self.model, device, precision, log)
+
+    @property
+    def precision(self):
+        """The :class:`core.execution.Precision` in use (float32 after a failed auto check)."""
+        return self.run.precision
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        from core.execution import channels_last
+
         if self.cuda:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        with ctx:
-            logits = self.model(batch)
-        logits = logits.float()
+        batch = channels_last(batch)
+        logits = self.run(lambda: self.model(batch).float(), lambda out: out.argmax(1))
         return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -96,9 +111,9 @@ def _batched(items: Sequence, n: int) -> Iterator[Sequence]:
 def _window_tensor(strip: np.ndarray, valid: Optional[np.ndarray], wins: Sequence[Window], y0: int, window: int,
                    mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Windows cut from a raw strip (rows from ``y0``), normalised, stacked into (B, n, window, window)
-    float32, zero-padded (in normalised units) where the raster is smaller than the window."""
+    float32 in channels_last memory (the network's layout), zero-padded (in normalised units) where the raster is smaller than the window."""
     n = strip.shape[0]
-    out = torch.zeros((len(wins), n, window, window), dtype=torch.float32)
+    out = torch.zeros((len(wins), window, window, n), dtype=torch.float32).permute(0, 3, 1, 2)  # channels_last
     for i, w in enumerate(wins):
         rows, cols = slice(w.y - y0, w.y - y0 + w.h), slice(w.x, w.x + w.w)
         tile = normalise(strip[:, rows, cols], None if valid is None else valid[rows, cols], mean, std)
@@ -379,14 +394,20 @@ def load_job_model(model, window: Optional[int], stride: Optional[int], rep, unt
     return lm, window, stride
 
 
-def check_inference_args(window: Optional[int], stride: Optional[int], batch_size: Optional[int]) -> None:
+def check_inference_args(window: Optional[int], stride: Optional[int], batch_size: Optional[int],
+                         precision: Optional[str] = None) -> None:
     """Fail at once, before the raster or the model is opened, on a window/stride/batch size given wrong.
 
     A window or stride left out is checked with the default model's (:data:`DEFAULT_INFERENCE`).
 
     Raises:
-        InputError: see :func:`validate_window`; ``batch_size`` under 1 or not an int.
+        InputError: see :func:`validate_window`; ``batch_size`` under 1 or not an int; ``precision`` not one
+            of :data:`core.execution.PRECISIONS`.
     """
+    from core.execution import PRECISIONS
+
+    if precision is not None and str(precision).strip().lower() not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     if window is not None or stride is not None:
         default_stride = DEFAULT_INFERENCE["stride"]
         validate_window(window if window is not None else DEFAULT_INFERENCE["window"],
@@ -402,7 +423,8 @@ class InferenceJob:
     Attributes:
         ds: the GDAL dataset; path: its name as given. lm: the LoadedModel. device: the torch device.
         window, stride: pixels. bands: 1-based input bands in the model's order. batch: windows per
-        forward pass. plan: the raster's :class:`SlidePlan`.
+        forward pass. plan: the raster's :class:`SlidePlan`. precision: the resolved
+        :class:`core.execution.Precision`.
     """
 
     ds: object
@@ -414,6 +436,7 @@ class InferenceJob:
     bands: List[int]
     batch: int
     plan: SlidePlan
+    precision: object
 
     @property
     def input(self) -> dict:
@@ -432,19 +455,28 @@ class InferenceJob:
 
 
 def open_inference(ds, path, model, *, window: Optional[int], stride: Optional[int], batch_size: Optional[int],
-                   device: str, bands: Optional[Sequence[int]], rep, untrained_note: str) -> InferenceJob:
+                   device: str, bands: Optional[Sequence[int]], rep, untrained_note: str,
+                   precision: Optional[str] = "auto") -> InferenceJob:
     """The preamble of a sliding-window job on an opened raster ``ds`` (named ``path`` in messages): the
-    device, the model and its window/stride (:func:`load_job_model`), the bands, the batch size (the
-    device's default when None) and the slide plan.
+    device, the model and its window/stride (:func:`load_job_model`), the bands, the batch size (when None: on a
+    CPU from the free memory, :func:`core.execution.cpu_batch_size`; else the device's default), the precision (:func:`core.execution.resolve_precision`) and the slide plan.
 
     Raises:
-        InputError: an unusable device, bands or window/stride; ModelFileError: an unusable model file.
+        InputError: an unusable device, precision, bands or window/stride; ModelFileError: an unusable model file.
     """
+    from core.execution import resolve_precision
     from core.geo.raster import select_bands
 
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     lm, window, stride = load_job_model(model, window, stride, rep, untrained_note)
     band_list = select_bands(ds, path, bands, lm.header["input"]["bands"])
-    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch_size is None else batch_size)
+    batch = batch_size
+    if batch is None and dev.type == "cpu":
+        from core.execution import cpu_batch_size
+
+        batch, note = cpu_batch_size(window, lm.header["architecture"]["backbone"], prec)
+        rep.log("windows per batch: " + note)
+    batch = int(DEFAULT_BATCH.get(dev.type, 4) if batch is None else batch)
     plan = SlidePlan(ds.RasterYSize, ds.RasterXSize, window, stride)
-    return InferenceJob(ds, path, lm, dev, window, stride, band_list, batch, plan)
+    return InferenceJob(ds, path, lm, dev, window, stride, band_list, batch, plan, prec)

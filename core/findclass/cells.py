@@ -54,32 +54,46 @@ class FeatureRunner:
     Call: float32 (B, 3, window, window), normalised → ``{"fused": (B, 256, window/4, window/4),
     "z": (B, C', window/4, window/4)}`` float32 on the device, where ``z`` is the clustering space:
     ``"fused"`` (G, C' = 256), ``"embedding"`` (P, C' = D; text fusion only) or ``"both"`` (each
-    L2-normalised, concatenated and divided by √2). CUDA: bf16 (or fp16) autocast.
+    L2-normalised, concatenated and divided by √2). Channels_last, and the job's precision
+    (:mod:`core.execution`; an ``auto`` check compares the model's classes from the fused map).
 
     Raises:
         InputError: ``features`` unknown, or ``"embedding"``/``"both"`` on a model without text fusion.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, features: str = "fused", amp: bool = True):
+    def __init__(self, model: torch.nn.Module, device: torch.device, features: str = "fused", precision="fp32",
+                 log=None):
+        from core.execution import GuardedRun, Precision, prepare_model, resolve_precision
+
         if features not in FEATURE_SPACES:
             raise InputError(f"--features must be one of {', '.join(FEATURE_SPACES)} (got {features!r})")
         if features != "fused" and getattr(model.head, "text_bank", None) is None:
             raise InputError(f"--features {features}: the model has no text fusion (no text-aligned projection); "
                              "use --features fused")
-        self.model = model.eval().to(device)
+        self.model = prepare_model(model.eval(), device)
         self.device = device
         self.features = features
-        self.amp_dtype = None
-        if device.type == "cuda" and amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if not isinstance(precision, Precision):
+            precision = resolve_precision(precision, device)
+        self.run = GuardedRun(self.model, device, precision, log)
+
+    @property
+    def precision(self):
+        """The :class:`core.execution.Precision` in use (float32 after a failed auto check)."""
+        return self.run.precision
+
+    def _classes(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's classes at stride 4 from the fused map (the precision check's measure)."""
+        return self.model.head.classifier(out["fused"].float()).argmax(1)  # float32 (outside the head's scope)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
+        from core.execution import channels_last
+
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        with ctx:
-            out = self.model.forward_features(batch)
+        batch = channels_last(batch)
+        out = self.run(lambda: self.model.forward_features(batch), self._classes)
         fused = out["fused"].float()
         if self.features == "fused":
             z = fused

@@ -32,6 +32,7 @@ def add_findclass_arguments(p) -> None:
     p.add_argument("--stride", type=int, default=None, help="stride in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where native and checked), fp32 or bf16")
     p.add_argument("--bands", default=None, help="1-based input bands in the model's order, e.g. 3,2,1")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the support sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -47,7 +48,7 @@ def run_findclass_command(args, rep) -> dict:
                      clusters=args.clusters, top_n=args.top_n, negative_field=args.negative_field,
                      patch=args.patch, mode=args.mode, features=args.features, center=not args.no_center,
                      max_per_polygon=args.max_per_polygon, recall_target=args.recall_target,
-                     window=args.window, stride=args.stride, batch_size=args.batch_size, device=args.device,
+                     window=args.window, stride=args.stride, batch_size=args.batch_size, device=args.device, precision=args.precision,
                      bands=parse_bands(args.bands), seed=args.seed, overwrite=args.overwrite, reporter=rep)
     c = res["clusters"]
     lines = [f"Wrote {res['relevance']} ({res['relevance_width']} x {res['relevance_height']} cells of {CELL} px, "

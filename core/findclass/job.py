@@ -166,7 +166,7 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
                recall_target: float = DEFAULTS["recall_target"], window: Optional[int] = None,
                stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                bands: Optional[Sequence[int]] = None, seed: int = 0, overwrite: bool = False,
-               reporter=None, prefetch: bool = True) -> dict:
+               reporter=None, prefetch: bool = True, precision: str = "auto") -> dict:
     """Find where a new class occurs from a few example polygons (CAT, arXiv 2308.02844 Sec. 3).
 
     The steps (module docstring): support → centroids → calibration → scoring → ranking → publishing.
@@ -182,7 +182,7 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
             ``"fused"`` (G, 256), ``"embedding"`` (P, text-aligned) or ``"both"``. center: subtract the
             background mean feature before the cosine. max_per_polygon: support cells per polygon.
             recall_target: of the leave-one-polygon-out threshold.
-        window, stride, batch_size, device, bands: as ``segment``. seed: k-means and sampling seed.
+        window, stride, batch_size, device, bands, precision: as ``segment``. seed: k-means and sampling seed.
 
     Returns:
         A JSON-able dict: output paths, size and CRS of the relevance raster, support and cluster
@@ -198,9 +198,9 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     t_start = time.perf_counter()
     _check_params(clusters, top_n, patch, mode, features, recall_target, max_per_polygon)
     examples, layer = _layer_source(examples, layer)
-    check_inference_args(window, stride, batch_size)
+    check_inference_args(window, stride, batch_size, precision)
     ds, job, grid, runner = _open_inputs(raster, examples, model, window, stride, batch_size, device, bands,
-                                         features, rep)
+                                         features, rep, precision)
     polygons, ex_info = read_examples(examples, ds, grid, layer=layer, negative_field=negative_field,
                                       max_per_polygon=max_per_polygon, seed=seed, raster_name=str(raster),
                                       reporter=rep)
@@ -229,7 +229,7 @@ def _layer_source(examples, layer):
     return examples, layer
 
 
-def _open_inputs(raster, examples, model, window, stride, batch_size, device, bands, features, rep):
+def _open_inputs(raster, examples, model, window, stride, batch_size, device, bands, features, rep, precision):
     """The raster, the example layer's existence, the model on its device (:func:`open_inference`), the
     cell grid and the feature runner: ``(ds, job, grid, runner)``."""
     from core.geo.raster import open_raster
@@ -238,10 +238,10 @@ def _open_inputs(raster, examples, model, window, stride, batch_size, device, ba
     if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
         raise InputError(f"Example polygon layer not found: {examples}")
     job = open_inference(ds, raster, model, window=window, stride=stride, batch_size=batch_size, device=device,
-                         bands=bands, rep=rep, untrained_note="its features are ImageNet backbone features through "
+                         bands=bands, rep=rep, precision=precision, untrained_note="its features are ImageNet backbone features through "
                          "a random head, and 'resembles' is not meaningful")
     grid = CellGrid(ds.RasterYSize, ds.RasterXSize)
-    runner = FeatureRunner(job.lm.model, job.device, features)
+    runner = FeatureRunner(job.lm.model, job.device, features, job.precision, rep.log)
     return ds, job, grid, runner
 
 
@@ -289,7 +289,8 @@ def _log_start(run: _Run) -> None:
     info, grid, ds = run.ex_info, run.grid, run.job.ds
     run.rep.log(f"{run.raster}: {ds.RasterXSize} x {ds.RasterYSize} px, cell grid {grid.cols} x {grid.rows} "
                 f"(stride {CELL}); {info['positive']} positive and {info['negative']} negative example polygon(s), "
-                f"{info['support_cells']} support cells sampled"
+                f"{info['support_cells']} support cells sampled; {run.job.batch} windows per batch, "
+                f"{run.job.precision.reason}"
                 + ("; polygons reprojected to the raster's CRS" if info["reprojected"] else ""))
     for p in run.polygons:
         if p.note:
@@ -619,5 +620,6 @@ def _result(run: _Run, support: _Support, cen: _Centroids, thr: dict, scores: _S
         "patches_scored": len(scores.scorer.patches),
         "patches_excluded_as_examples": len(scores.scorer.patches) - len(patches),
         "candidates_written": len(published["candidates"]), "candidate_patches": published["candidates"],
-        "device": str(run.job.device), "windows": scores.windows + support.windows, "seconds": round(seconds, 3),
+        "device": str(run.job.device), "precision": run.runner.precision.name,
+        "precision_agreement": run.runner.run.agreement, "windows": scores.windows + support.windows, "seconds": round(seconds, 3),
     }

@@ -25,7 +25,7 @@ class TrainConfig:
     eval_interval: int = 200
     checkpoint_interval: int = 200
     seed: int = 0
-    amp: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 (core.execution; autocast, the weights stay float32)
     mars: bool = True
     srr: bool = True
     srr_k: int = 4
@@ -57,6 +57,8 @@ class TrainConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.batch_size % self.accumulate:
             raise InputError(f"--batch-size ({self.batch_size}) must be a multiple of --accumulate ({self.accumulate})")
+        if str(self.precision).strip().lower() not in ("auto", "fp32", "bf16"):
+            raise InputError(f"--precision must be one of auto, fp32, bf16 (got {self.precision!r})")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive (got {self.lr})")
         if not self.contrastive_weight >= 0:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from core.execution import channels_last, precision_scope, prepare_model, resolve_precision
 from core.errors import Cancelled, InputError
 from core.finetune.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from core.finetune.config import TrainConfig, lr_factor, time_budget_factor
@@ -90,17 +91,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
 
 @torch.no_grad()
 def validate(model: nn.Module, images: Sequence, num_classes: int, mean, std, device: torch.device,
-             window: int, stride: int, batch_size: int = 4) -> np.ndarray:
+             window: int, stride: int, batch_size: int = 4, precision="fp32") -> np.ndarray:
     """Slide inference (as :mod:`core.windows`) on whole validation images → confusion matrix (K, K).
 
     ``images``: objects with ``image`` float32 (3, H, W) in the model's value range and ``label``
-    uint8 (H, W) (255 = ignore).
+    uint8 (H, W) (255 = ignore). ``precision``: as :class:`core.windows.WindowPredictor`'s.
     """
     from core.windows import SlidePlan, WindowPredictor, slide_inference_in_memory
 
     was_training = model.training
     model.eval()
-    predictor = WindowPredictor(model, device)
+    predictor = WindowPredictor(model, device, precision)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     for item in images:
         img = np.asarray(item.image)
@@ -199,7 +200,7 @@ class Trainer:
         self.model, self.class_names, self.sampler, self.val_images = model, class_names, sampler, val_images
         self.config, self.mean, self.std, self.device, self.on_best = config, mean, std, device, on_best
         self.K = len(class_names)
-        model.to(device).train()
+        prepare_model(model, device).train()  # channels_last weights (core.execution)
         self.net = self._parallel(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
                                            lr=config.lr, weight_decay=config.weight_decay)
@@ -239,10 +240,11 @@ class Trainer:
         return DDP(model)
 
     def _precision(self):
-        """``(autocast dtype or None, GradScaler or None)``: bf16, else fp16 with a scaler, on CUDA with amp."""
-        amp_dtype = None
-        if self.device.type == "cuda" and self.config.amp:
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        """``(autocast dtype or None, GradScaler or None)`` of ``config.precision`` (:mod:`core.execution`): bf16
+        where native (CPU or GPU), fp16 with a loss scaler on a GPU without bf16, else float32."""
+        self.precision = resolve_precision(self.config.precision, self.device)
+        amp_dtype = self.precision.dtype
+        self.rep.log(f"training precision: {self.precision.reason}; channels_last memory")
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         return amp_dtype, scaler
 
@@ -333,11 +335,10 @@ class Trainer:
         imgs, labels = self.sampler.batch(rng, self.micro)
         x = torch.from_numpy(np.ascontiguousarray(imgs)).to(device, non_blocking=True)
         y = torch.from_numpy(np.ascontiguousarray(labels)).to(device, non_blocking=True).long()
-        x = (x - self.mean_t) / self.std_t
-        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else _null()
-        with ctx, (capture if capture is not None else _null()):
+        x = channels_last((x - self.mean_t) / self.std_t)
+        with precision_scope(self.model, device, self.precision), (capture if capture is not None else _null()):
             logits = self.net(x)
-            fused = capture.output if capture is not None else None
+            fused = capture.output.float() if capture is not None else None  # the contrastive term in float32
         logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
         if (y != IGNORE).any():
             loss = F.cross_entropy(logits, y, ignore_index=IGNORE) / config.accumulate
@@ -381,7 +382,7 @@ class Trainer:
         it, state = self.it, self.state
         if self.dist_info.is_main:
             cm = validate(self.model, self.val_images, self.K, self.mean, self.std, self.device, self.window,
-                          self.stride)
+                          self.stride, precision=self.precision)
             iou = iou_from_confusion(cm)
             miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
             per_class = {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(self.class_names, iou)}

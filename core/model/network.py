@@ -19,6 +19,7 @@ With ``text_bank=None`` the head is the plain SegFormer head (the ablation basel
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,10 @@ class SRMFNet(nn.Module):
 
     ``forward(x)``: x float32 (B, 3, H, W), normalised with the model's mean/std, H and W multiples of
     32 → logits (B, K, H/4, W/4). Use :func:`upsample_logits` for full resolution.
+
+    ``head_autocast``: None (the default), or ``(device_type, dtype)`` to run the decode head under
+    ``torch.autocast`` while the encoder stays in its own precision (set by
+    :func:`core.execution.precision_scope`; not part of the model file).
     """
 
     def __init__(self, backbone: str, num_classes: int, text_bank: Optional[torch.Tensor] = None,
@@ -164,15 +169,25 @@ class SRMFNet(nn.Module):
         self.backbone_name = backbone
         self.encoder, stage_channels = build_encoder(backbone, encoder_weights)
         self.head = SRMFHead(stage_channels, num_classes, text_bank, channels=channels, dropout=dropout)
+        self.head_autocast = None
 
     def stage_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(self.encoder(x)[-4:])
 
+    def _head_context(self):
+        if self.head_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.head_autocast[0], dtype=self.head_autocast[1])
+
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.head.forward_features(self.stage_features(x))
+        features = self.stage_features(x)
+        with self._head_context():
+            return self.head.forward_features(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stage_features(x))
+        features = self.stage_features(x)
+        with self._head_context():
+            return self.head(features)
 
 
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:

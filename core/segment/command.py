@@ -18,6 +18,7 @@ def add_segment_arguments(seg) -> None:
     seg.add_argument("--stride", type=int_arg("--stride"), default=None, help=f"stride in pixels (default: the model's, {DEFAULT_INFERENCE['stride']})")
     seg.add_argument("--batch-size", type=int_arg("--batch-size"), default=None, help="windows per forward pass")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    seg.add_argument("--precision", default="auto", help="auto (bf16 where native and checked), fp32 or bf16")
     seg.add_argument("--bands", default=None, help="1-based input bands in the model's order, e.g. 3,2,1; one band is replicated")
     seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -30,7 +31,7 @@ def run_segment_command(args, rep: Reporter) -> dict:
     from core.segment.job import segment_raster
 
     result = segment_raster(args.input, args.output, args.model, window=args.window, stride=args.stride,
-                            batch_size=args.batch_size, device=args.device, bands=parse_bands(args.bands),
+                            batch_size=args.batch_size, device=args.device, precision=args.precision, bands=parse_bands(args.bands),
                             probabilities=args.probabilities, overwrite=args.overwrite, reporter=rep)
     lines = [f"Wrote {result['output']} ({result['width']} x {result['height']} px, {result['crs'] or 'no CRS'}) "
              f"in {result['seconds']:.1f} s ({result['megapixels_per_second']:.2f} MP/s on {result['device']})"]

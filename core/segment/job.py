@@ -53,7 +53,7 @@ def class_areas(ds, counts: np.ndarray, classes: Sequence[dict]) -> Tuple[List[d
 def segment_raster(input_path, output_path, model=None, *, window: Optional[int] = None,
                    stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
-                   reporter=None, prefetch: bool = True) -> dict:
+                   reporter=None, prefetch: bool = True, precision: str = "auto") -> dict:
     """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
 
     Args:
@@ -65,6 +65,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         probabilities: optional path of a per-class probability GeoTIFF (uint8, p·250, nodata 255).
         overwrite: replace existing outputs. reporter: a :class:`~core.protocol.Reporter`.
         prefetch: read the next strip while the current one is computed.
+        precision: ``auto``, ``fp32`` or ``bf16`` (:mod:`core.execution`).
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -79,18 +80,18 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     t_start = time.perf_counter()
     _limit_gdal_cache()
     # Parameters first: a wrong value fails at once, before the model or the raster is opened.
-    check_inference_args(window, stride, batch_size)
+    check_inference_args(window, stride, batch_size, precision)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
     ds = open_raster(input_path)
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
-                         device=device, bands=bands, rep=rep,
+                         device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
     reader = job.strip_reader(rep)
     gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
     if gsd_note:
         rep.log(gsd_note, "warning")
     _log_job(job, input_path, reader.masked, rep)
-    predictor = WindowPredictor(job.lm.model, job.device)
+    predictor = WindowPredictor(job.lm.model, job.device, job.precision, rep.log)
     counts = np.zeros(256, dtype=np.int64)
     outputs = []
     try:
@@ -105,6 +106,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         for o in outputs:
             o.discard()
         raise
+    stats.update(precision=predictor.precision.name, precision_agreement=predictor.run.agreement)
     return _result(job, out, prob, counts, stats, rep, t_start)
 
 
@@ -121,8 +123,8 @@ def _log_job(job, input_path, masked: bool, rep) -> None:
     ds, lm = job.ds, job.lm
     rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {job.bands}, "
             f"{job.plan.n_windows} windows of {job.window} px (stride {job.stride}), model {lm.path.name} "
-            f"({lm.header['architecture']['backbone']}, {lm.num_classes} classes) on {job.device}"
-            + (f", nodata masked" if masked else ""))
+            f"({lm.header['architecture']['backbone']}, {lm.num_classes} classes) on {job.device}, "
+            f"{job.batch} windows per batch, {job.precision.reason}" + (", nodata masked" if masked else ""))
 
 
 def _check_outputs(input_path, output_path, probabilities, overwrite: bool) -> Tuple[Path, Optional[Path]]:

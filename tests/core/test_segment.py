@@ -75,7 +75,7 @@ def test_streaming_equals_in_memory_slide_inference(tmp_path, random_model, path
 
     # 2. the class raster written end to end equals the reference's argmax
     out = tmp_path / "classes.tif"
-    res = segment_raster(path, out, lm, window=window, stride=stride, batch_size=batch, device="cpu",
+    res = segment_raster(path, out, lm, window=window, stride=stride, batch_size=batch, device="cpu", precision="fp32",
                          reporter=Reporter(json_mode=True, stream=io.StringIO()))
     written = read_band(out)
     np.testing.assert_array_equal(written, ref_classes)
