@@ -51,10 +51,17 @@ VOLATILE = {"seconds", "megapixels_per_second", "peak_memory_mb", "peak_rss_mb",
             "created", "device_name", "threads"}
 
 
+# The exact path, whatever the machine or its free memory: float32 (auto would pick bf16 only where the CPU
+# runs it natively) and a fixed batch of windows (a CPU job otherwise sizes it from the free memory).
+PINNED = {"segment": ["--precision", "fp32", "--batch-size", "2"],
+          "findclass": ["--precision", "fp32", "--batch-size", "2"], "finetune": ["--precision", "fp32"]}
+
+
 def _engine(args, tmp: Path) -> dict:
     """Run ``python -m core ARGS --json``; the result line and the metrics lines, paths made relative
     (to ``<tmp>``, ``<data>`` and ``<repo>``, so a clone anywhere compares equal)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [*args, *PINNED.get(str(args[0]), [])]
     proc = subprocess.run([sys.executable, "-m", "core", *map(str, args), "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     result, metrics = None, []
