@@ -258,7 +258,7 @@ def _child_raw(spec: dict) -> dict:
     from core.windows import WindowPredictor, _batched, _window_tensor
 
     dev, lm, ds, inp, reader, plan, batch = _open_job(spec)
-    predictor = WindowPredictor(lm.model, dev)
+    predictor = WindowPredictor(lm.model, dev, spec.get("precision", "auto"))
     total = plan.n_windows
     want = total if spec["raw_windows"] <= 0 else min(total, spec["raw_windows"])
     # Batches exactly as the engine forms them (per row of windows), in its order, until `want`
@@ -353,7 +353,7 @@ def _child_naive(spec: dict) -> dict:
     t_read0 = time.perf_counter()
     image, valid = reader.read(0, plan.height)
     t_read = time.perf_counter() - t_read0
-    predictor = WindowPredictor(lm.model, dev)
+    predictor = WindowPredictor(lm.model, dev, spec.get("precision", "auto"))
     t_inf0 = time.perf_counter()
     logits, classes = slide_inference_in_memory(image, valid, plan, predictor, lm.num_classes,
                                                 inp["mean"], inp["std"], batch)

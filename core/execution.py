@@ -203,7 +203,10 @@ class GuardedRun:
 WINDOW_MIB = {"fp32": 105.0, "bf16": 50.0}
 BACKBONE_MEMORY_FACTOR = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.3, "efficientnet_lite2": 1.6}
 UNKNOWN_BACKBONE_FACTOR = 3.0  # not measured: assume 3× Lite0 (MiT-b0..b5, ResNets), erring towards less memory
-CPU_BATCH_MAX = 2  # more windows per batch do not run faster on a CPU (measured: README "Speed"), only use memory
+# One window per forward pass is the fastest per window on a CPU, not only the smallest (measured, raw forward
+# of the default model on real 512² windows, s/window at batch 1/2/4/8: float32 0.15/0.24-0.33/0.31-0.34/0.37,
+# head bf16 0.105/0.11-0.16/0.19-0.25/0.26; the working set of a larger batch leaves the caches): README "Speed".
+CPU_BATCH_MAX = 1
 MEMORY_SHARE = 0.25  # of the memory available when the job starts
 
 

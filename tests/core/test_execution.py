@@ -115,14 +115,16 @@ def test_channels_last_and_auto_keep_the_classes_on_real_windows(default_model_a
     assert (out2.argmax(1) == exact.argmax(1)).float().mean() >= 0.99
 
 
-def test_cpu_batch_from_free_memory():
+def test_cpu_batch_from_free_memory(monkeypatch):
     lo, note = cpu_batch_size(512, "efficientnet_lite0", FP32, available=200 * 2 ** 20)
     assert lo == 1 and "memory is short" in note
-    hi, _ = cpu_batch_size(512, "efficientnet_lite0", FP32, available=64 * 2 ** 30)
-    assert hi == CPU_BATCH_MAX
-    big, _ = cpu_batch_size(1024, "mit_b5", FP32, available=2 * 2 ** 30)
-    assert big == 1  # 4× the area, an unmeasured encoder: one window in 512 MiB
+    hi, note = cpu_batch_size(512, "efficientnet_lite0", FP32, available=64 * 2 ** 30)
+    assert hi == CPU_BATCH_MAX and "memory is short" not in note
     assert cpu_batch_size(512, "efficientnet_lite0", FP32, available=None)[0] == CPU_BATCH_MAX
+    monkeypatch.setattr(execution, "CPU_BATCH_MAX", 8)  # the memory rule itself, under a larger maximum
+    assert cpu_batch_size(512, "efficientnet_lite0", FP32, available=4 * 420 * 2 ** 20)[0] == 4  # 105 MiB/window
+    assert cpu_batch_size(512, "efficientnet_lite0", BF16_HEAD, available=4 * 420 * 2 ** 20)[0] == 8  # 50
+    assert cpu_batch_size(1024, "mit_b5", FP32, available=4 * 2 * 2 ** 30)[0] == 1  # 4× the area, 3× the encoder
 
 
 def test_segment_precision_is_checked_before_anything_is_opened(tmp_path):
