@@ -91,7 +91,11 @@ deploy: install
 	@echo "Linked $(QGIS_PLUGINS)/srmf -> $(CURDIR)"
 	@echo "Restart QGIS, then enable SRMF in Plugins > Manage and Install Plugins > Installed."
 
+# Benchmarks (print figures; never timed tests). bench.speed: today's execution against the new one side by
+# side (same model, a 4096² VRT of real tiles, one run) and the peak-RSS sweep 2048²/4096²/8192²;
+# bench.segment: end-to-end against the raw network per backbone. Results in bench-output/.
 bench: install
+	$(PY) -m bench.speed --out-dir bench-output
 	$(PY) -m bench.segment
 
 # The GPU check (bench/gpu_check.py, ~10 min on one GPU): segment on CUDA against the CPU's fp32 classes
