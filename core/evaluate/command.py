@@ -17,6 +17,7 @@ def add_evaluate_arguments(parser) -> None:
                              "(default: the model's, or the prediction's category names)")
     parser.add_argument("--model", default=None, help="segment PREDICTION (an image) with this model first")
     parser.add_argument("--device", default="auto", help="with --model: auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", help="with --model: auto, fp32 or bf16 (as segment's)")
     parser.add_argument("--bands", default=None, help="with --model: 1-based input bands in the model's order")
     parser.add_argument("--output-json", default=None, help="write the result as JSON")
     parser.add_argument("--output-csv", default=None,
@@ -34,7 +35,7 @@ def run_evaluate_command(args, reporter) -> dict:
     result = evaluate_rasters(args.prediction, args.reference, reference_field=args.reference_field,
                               classes=args.classes, model=args.model, output_json=args.output_json,
                               output_csv=args.output_csv, overwrite=args.overwrite, reporter=reporter,
-                              device=getattr(args, "device", "auto"),
+                              device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "auto"),
                               bands=parse_bands(getattr(args, "bands", None)))
     reporter.result(result, text=format_table(result))
     return result

@@ -85,7 +85,8 @@ class _ScaledReporter:
 # ------------------------------------------------------------------------------------------------
 def evaluate_rasters(prediction_path, reference_path, *, reference_field: Optional[str] = None, classes=None,
                      model=None, output_json=None, output_csv=None, overwrite: bool = False, reporter=None,
-                     device: str = "auto", bands: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                     device: str = "auto", bands: Optional[Sequence[int]] = None,
+                     precision: str = "auto") -> Dict[str, Any]:
     """Accuracy assessment of a class raster against a reference raster or polygon layer.
 
     Args:
@@ -98,7 +99,7 @@ def evaluate_rasters(prediction_path, reference_path, *, reference_field: Option
         reference_field: the class field of a polygon reference.
         classes: class table (JSON path, ``.srmf`` path, or a list of ``{"id","name","value",...}``);
             default: the model's, else the prediction's category names, else the ids that occur.
-        model: ``.srmf`` path, "predict first". device, bands: passed to the segmentation.
+        model: ``.srmf`` path, "predict first". device, bands, precision: passed to the segmentation.
         output_json, output_csv: where to write the result; with ``output_csv``, the confusion matrix
             goes to ``NAME_confusion.csv`` beside it. overwrite: replace existing outputs.
         reporter: a :class:`~core.protocol.Reporter`.
@@ -126,7 +127,7 @@ def evaluate_rasters(prediction_path, reference_path, *, reference_field: Option
         table, background, ignore, _ = read_reference_classes(classes)
     _check_reference(reference_path, reference_field)
     result = _predict_and_evaluate(prediction_path, reference_path, reference_field, table, background, ignore,
-                                   model, device, bands, rep)
+                                   model, device, bands, rep, precision)
     result.update({
         "prediction": str(prediction_path), "reference": str(reference_path), "reference_field": reference_field,
         "model": None if model is None else str(model),
@@ -161,7 +162,7 @@ def _check_outputs(prediction_path, reference_path, output_json, output_csv, ove
 
 
 def _predict_and_evaluate(prediction_path, reference_path, reference_field, table, background, ignore,
-                          model, device, bands, rep) -> Dict[str, Any]:
+                          model, device, bands, rep, precision: str = "auto") -> Dict[str, Any]:
     """With ``model``, segment ``prediction_path`` into a temporary class raster first (80 % of the
     progress), then :func:`_evaluate`; the temporary folder is always removed."""
     tmpdir = None
@@ -175,7 +176,8 @@ def _predict_and_evaluate(prediction_path, reference_path, reference_field, tabl
             tmpdir = tempfile.mkdtemp(prefix="srmf-evaluate-")
             pred_file = Path(tmpdir) / "prediction.tif"
             rep.log(f"segmenting {prediction_path} with {model} before evaluating")
-            segment_raster(prediction_path, pred_file, model, device=device, bands=bands, overwrite=True,
+            segment_raster(prediction_path, pred_file, model, device=device, precision=precision, bands=bands,
+                           overwrite=True,
                            reporter=_ScaledReporter(rep, 0.0, 0.8))
             eval_rep = _ScaledReporter(rep, 0.8, 1.0)
         else:

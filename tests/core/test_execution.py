@@ -147,3 +147,18 @@ def test_segment_reports_its_precision_and_batch(tmp_path):
     assert 1 <= res["batch_size"] <= CPU_BATCH_MAX
     log = (tmp_path / "log.jsonl").read_text()
     assert "windows per batch: batch" in log and "float32 (asked for)" in log
+
+
+def test_every_inference_command_takes_precision_and_refuses_a_bad_one(tmp_path):
+    """segment, findclass, finetune and evaluate all accept --precision; a bad value exits 2 naming it."""
+    from core.cli import build_parser
+
+    for cmd, rest in (("segment", ["in.tif", "out.tif"]), ("findclass", ["in.tif", "ex.gpkg", "out"]),
+                      ("finetune", ["m.srmf"]), ("evaluate", ["p.tif", "r.tif"])):
+        assert build_parser(cmd).parse_args([cmd, *rest, "--precision", "fp32"]).precision == "fp32"
+    out = tmp_path / "o.tif"
+    proc = subprocess.run([sys.executable, "-m", "core", "evaluate", str(ADELAIDE), str(ADELAIDE), "--model",
+                           "resources/models/default.srmf", "--precision", "half", "--output-json", str(out),
+                           "--json"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--precision" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists()
