@@ -272,7 +272,6 @@ def segment_once(check: Check, raster: Path, out: Path, device: str, precision: 
 
 def compare_classes(a: Path, b: Path) -> dict:
     """Share of pixels with identical classes in two class rasters, pixels 255 (nodata) in either left out."""
-    import numpy as np
     from osgeo import gdal
 
     gdal.UseExceptions()
