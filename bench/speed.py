@@ -219,7 +219,6 @@ def real_rasters() -> List[Path]:
 def precision_agreement(args, work: Path) -> dict:
     """Class agreement of unguarded bf16 with float32, the trained model, over every real raster (valid
     pixels: 255 in neither), in this process; the figure ``auto``'s 99.5 % rule is judged against."""
-    import numpy as np
     from osgeo import gdal
     from core.model.modelfile import load_model
     from core.protocol import Reporter
