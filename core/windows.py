@@ -454,6 +454,21 @@ class InferenceJob:
         return StripReader(self.ds, self.bands, scaling)
 
 
+def _log_band_use(ds, path, band_list: Sequence[int], rep) -> None:
+    """Say which bands are not read (a 4th band is not silently dropped) and that NaN/±inf are nodata."""
+    from osgeo import gdal
+    from core.geo.raster import FLOAT_TYPES
+
+    ignored = [b for b in range(1, ds.RasterCount + 1) if b not in band_list  # an alpha band is a mask: used
+               and ds.GetRasterBand(b).GetColorInterpretation() != gdal.GCI_AlphaBand]
+    if ignored:
+        rep.log(f"{path}: band{'s' if len(ignored) > 1 else ''} {', '.join(map(str, ignored))} of {ds.RasterCount} "
+                f"not used: the model reads bands {', '.join(map(str, band_list))} (choose others with --bands)",
+                "warning")
+    if any(ds.GetRasterBand(b).DataType in FLOAT_TYPES for b in set(band_list)):
+        rep.log(f"{path}: float bands: NaN and ±inf pixels are nodata")
+
+
 def open_inference(ds, path, model, *, window: Optional[int], stride: Optional[int], batch_size: Optional[int],
                    device: str, bands: Optional[Sequence[int]], rep, untrained_note: str,
                    precision: Optional[str] = "auto") -> InferenceJob:
@@ -471,6 +486,7 @@ def open_inference(ds, path, model, *, window: Optional[int], stride: Optional[i
     prec = resolve_precision(precision, dev)
     lm, window, stride = load_job_model(model, window, stride, rep, untrained_note)
     band_list = select_bands(ds, path, bands, lm.header["input"]["bands"])
+    _log_band_use(ds, path, band_list, rep)
     batch = batch_size
     if batch is None and dev.type == "cpu":
         from core.execution import cpu_batch_size

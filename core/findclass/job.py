@@ -232,9 +232,9 @@ def _layer_source(examples, layer):
 def _open_inputs(raster, examples, model, window, stride, batch_size, device, bands, features, rep, precision):
     """The raster, the example layer's existence, the model on its device (:func:`open_inference`), the
     cell grid and the feature runner: ``(ds, job, grid, runner)``."""
-    from core.geo.raster import open_raster
+    from core.geo.raster import open_image
 
-    ds = open_raster(raster)
+    ds = open_image(raster, rep.log)
     if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
         raise InputError(f"Example polygon layer not found: {examples}")
     job = open_inference(ds, raster, model, window=window, stride=stride, batch_size=batch_size, device=device,

@@ -38,6 +38,40 @@ def open_raster(path) -> gdal.Dataset:
     return ds
 
 
+def open_image(path, log=None) -> gdal.Dataset:
+    """Open an image to segment or search (:func:`open_raster`), with its pixel values made what the model
+    reads: a 1-band paletted raster (colour-table indices, GCI_PaletteIndex) is expanded through its colour
+    table to RGB (GDAL's ``rgbExpand``, a virtual dataset: no copy), and ``log(text, level)`` says so —
+    palette indices are category codes, not grey levels (issue 13).
+
+    Raises:
+        InputError: as :func:`open_raster`; a colour table that is not RGB (grey, CMYK or HLS palette).
+    """
+    return expand_palette(open_raster(path), path, log)
+
+
+def expand_palette(ds: gdal.Dataset, path, log=None) -> gdal.Dataset:
+    """``ds`` itself, or — a 1-band paletted raster — a virtual RGB(A) dataset through its colour table
+    (see :func:`open_image`). Raises InputError: a colour table that is not RGB."""
+    band = ds.GetRasterBand(1)
+    if ds.RasterCount != 1 or band.GetColorInterpretation() != gdal.GCI_PaletteIndex or band.GetColorTable() is None:
+        return ds
+    table = band.GetColorTable()
+    if table.GetPaletteInterpretation() != gdal.GPI_RGB:
+        kind = {gdal.GPI_Gray: "grey", gdal.GPI_CMYK: "CMYK", gdal.GPI_HLS: "HLS"}.get(table.GetPaletteInterpretation(), "?")
+        raise InputError(f"{path}: band 1 holds palette indices with a {kind} colour table, not RGB; convert it to "
+                         "RGB first (e.g. gdal_translate -expand rgb)")
+    expanded = gdal.Translate("", ds, format="VRT", rgbExpand="rgba" if _palette_has_alpha(table) else "rgb")
+    if log:
+        log(f"{path}: band 1 holds palette indices ({table.GetCount()} colours); expanded through its colour "
+            "table to red, green, blue", "warning")
+    return expanded
+
+
+def _palette_has_alpha(table) -> bool:
+    return any(table.GetColorEntry(i)[3] < 255 for i in range(table.GetCount()))
+
+
 def parse_bands(text: Optional[str]) -> Optional[List[int]]:
     """Parse ``--bands`` ("1,2,3", 1-based). Raises InputError on a malformed list."""
     if text is None or str(text).strip() == "":
@@ -173,9 +207,14 @@ def _valid_mask_for_band(band, x, y, w, h, bw, bh, data=None) -> np.ndarray:
     return m > 0
 
 
+FLOAT_TYPES = {gdal.GDT_Float32, gdal.GDT_Float64, gdal.GDT_CFloat32, gdal.GDT_CFloat64}
+
+
 def has_nodata(ds: gdal.Dataset, bands: Sequence[int]) -> bool:
-    """True when any selected band has a nodata value, a mask band or an alpha band."""
-    return any(not (ds.GetRasterBand(b).GetMaskFlags() & gdal.GMF_ALL_VALID) for b in set(bands))
+    """True when any selected band has a nodata value, a mask band or an alpha band, or is a float band
+    (NaN and ±inf are always nodata: a float raster may hold them with no nodata tag)."""
+    return any(not (ds.GetRasterBand(b).GetMaskFlags() & gdal.GMF_ALL_VALID)
+               or ds.GetRasterBand(b).DataType in FLOAT_TYPES for b in set(bands))
 
 
 class StripReader:
@@ -183,7 +222,8 @@ class StripReader:
 
     A pixel is nodata when it is nodata (nodata value, mask band or alpha) in every selected band —
     GDAL's convention for multi-band nodata (as gdalwarp's UNIFIED_SRC_NODATA): one saturated band of
-    an otherwise valid pixel does not erase it.
+    an otherwise valid pixel does not erase it — or when any selected band holds NaN or ±inf there (a
+    value no model input can take; issue 13: a NaN pixel otherwise poisons its whole window).
     """
 
     def __init__(self, ds: gdal.Dataset, bands: Sequence[int], scaling: BandScaling):
@@ -206,13 +246,20 @@ class StripReader:
         rows = min(rows, self.height - y0)
         raw = {}
         valid = None
+        finite = None
         for b in self.unique:
             band = self.ds.GetRasterBand(b)
             arr = band.ReadAsArray(0, y0, self.width, rows)
             if self.masked:
                 v = _valid_mask_for_band(band, 0, y0, self.width, rows, self.width, rows, arr)
                 valid = v if valid is None else (valid | v)
+            if arr.dtype.kind in "fc":
+                ok = np.isfinite(arr)
+                finite = ok if finite is None else (finite & ok)
+                arr = np.where(ok, arr, 0).astype(arr.dtype)  # no NaN reaches the scaling or the model
             raw[b] = arr
+        if finite is not None:
+            valid = finite if valid is None else (valid & finite)
         data = np.stack([raw[b] for b in self.bands])
         if not self.scaling.identity:
             data = self.scaling.apply(data.astype(np.float32))

@@ -74,7 +74,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         InputError / ModelFileError: bad input, named; nothing is left under the output names.
     """
     from core.protocol import Reporter
-    from core.geo.raster import open_raster, pixel_size_m, resolution_warning
+    from core.geo.raster import open_image, pixel_size_m, resolution_warning
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -82,7 +82,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     # Parameters first: a wrong value fails at once, before the model or the raster is opened.
     check_inference_args(window, stride, batch_size, precision)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
-    ds = open_raster(input_path)
+    ds = open_image(input_path, rep.log)
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
