@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import struct
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 from core.errors import ModelFileError
 from core.files import REPO_ROOT
 from core.files import atomic_output
@@ -127,7 +128,46 @@ def read_header(path) -> Dict[str, Any]:
     for k, v in DEFAULT_INPUT.items():
         header["input"].setdefault(k, v)
     header["inference"] = {**DEFAULT_INFERENCE, **(header.get("inference") or {})}
+    validate_input_and_inference(header, path)
     return header
+
+
+def _numbers(value, n: Optional[int] = None) -> bool:
+    ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and math.isfinite(v) for v in value)
+    return ok and (n is None or len(value) == n)
+
+
+def validate_input_and_inference(header: dict, path="model") -> None:
+    """The header's ``input`` and ``inference`` blocks (defaults filled in), checked once on load (issue 13):
+    a file that passes cannot fail later on a broadcast, a division by zero or a window rule.
+
+    Raises:
+        ModelFileError: naming the file and the field — ``input.bands`` not a non-empty list of names;
+            ``input.mean``/``input.std`` not one finite number per band, or a std that is not positive;
+            ``input.value_range`` not two finite numbers, low < high; ``inference.window`` not a multiple
+            of 32 of at least 32; ``inference.stride`` not 1..window.
+    """
+    inp, inf = header["input"], header["inference"]
+    bands = inp.get("bands")
+    if not isinstance(bands, list) or not bands or not all(isinstance(b, str) for b in bands):
+        raise ModelFileError(f"{path}: input.bands must be a list of band names, got {bands!r}")
+    n = len(bands)
+    for key in ("mean", "std"):
+        if not _numbers(inp.get(key), n):
+            raise ModelFileError(f"{path}: input.{key} must be {n} finite numbers (one per band of input.bands "
+                                 f"{bands}), got {inp.get(key)!r}")
+    if not all(v > 0 for v in inp["std"]):
+        raise ModelFileError(f"{path}: input.std must be positive for every band, got {inp['std']!r}")
+    vr = inp.get("value_range")
+    if not _numbers(vr, 2) or not vr[0] < vr[1]:
+        raise ModelFileError(f"{path}: input.value_range must be [low, high] with low < high, got {vr!r}")
+    window, stride = inf.get("window"), inf.get("stride")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 32 or window % 32:
+        raise ModelFileError(f"{path}: inference.window must be a multiple of 32 pixels, at least 32, got {window!r}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= window:
+        raise ModelFileError(f"{path}: inference.stride must be between 1 and inference.window ({window}), "
+                             f"got {stride!r}")
 
 
 def validate_header(header: dict, path="model") -> None:
@@ -212,6 +252,7 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
         ModelFileError: any problem with the file (never unpickles), including weights that do not fit
             the architecture the header describes.
     """
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -240,6 +281,10 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: the weights do not fit the {arch.get('backbone')} architecture "
                              f"({str(exc).splitlines()[0]})") from exc
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is not None and first.in_channels != len(header["input"]["bands"]):
+        raise ModelFileError(f"{path}: input.bands lists {len(header['input']['bands'])} bands but the network's "
+                             f"first convolution reads {first.in_channels} channels")
     model.eval().to(device)
     return LoadedModel(model, header, path)
 

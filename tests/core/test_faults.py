@@ -119,3 +119,57 @@ def test_an_unused_fourth_band_is_named(tmp_path):
     res = _segment(four, tmp_path / "classes.tif", log)
     assert res["bands"] == [1, 2, 3]
     assert any("band 4 of 4 not used: the model reads bands 1, 2, 3" in m for m in _messages(log))
+
+
+# -- model headers: one validation of the whole header on load (issue 13, part 2) ----------------------
+def _default_with(tmp_path, name, edit):
+    """The embedded default model rewritten with ``edit(header)`` applied to its SRMF header."""
+    from safetensors.torch import load_file, save_file
+
+    from core.model.modelfile import DEFAULT_MODEL_PATH, METADATA_KEY, read_header
+
+    header = read_header(DEFAULT_MODEL_PATH)
+    edit(header)
+    path = tmp_path / name
+    save_file(load_file(str(DEFAULT_MODEL_PATH)), str(path), metadata={METADATA_KEY: json.dumps(header)})
+    return path
+
+
+@pytest.mark.parametrize("field,edit,words", [
+    ("std 0", lambda h: h["input"].__setitem__("std", [58.4, 0, 57.4]), "input.std must be positive"),
+    ("mean length", lambda h: h["input"].__setitem__("mean", [120.0, 110.0]), "input.mean must be 3 finite numbers"),
+    ("std NaN", lambda h: h["input"].__setitem__("std", [58.4, float("nan"), 57.4]), "input.std must be 3 finite"),
+    ("value range", lambda h: h["input"].__setitem__("value_range", [255, 0]), "input.value_range"),
+    ("bands", lambda h: h["input"].__setitem__("bands", ["red", "green"]), "input.mean must be 2 finite"),
+    ("window", lambda h: h["inference"].__setitem__("window", 500), "inference.window must be a multiple of 32"),
+    ("stride", lambda h: h["inference"].__setitem__("stride", 0), "inference.stride must be between 1"),
+])
+def test_a_bad_model_header_is_refused_naming_the_file_and_field(tmp_path, field, edit, words):
+    """Before: std 0 gave a one-class map (exit 0, the previous output overwritten), a short mean a numpy
+    traceback, a bad window was blamed on a --window never given."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    model = _default_with(tmp_path, "bad.srmf", edit)
+    out = tmp_path / "classes.tif"
+    out.write_bytes(b"the previous output")
+    proc = subprocess.run([sys.executable, "-m", "core", "segment", str(ADELAIDE), str(out), "--model", str(model),
+                           "--overwrite", "--json"], cwd=ROOT, capture_output=True, text=True)
+    err = [json.loads(ln) for ln in proc.stdout.splitlines() if '"type": "error"' in ln]
+    assert proc.returncode == 2 and err, proc.stdout[-2000:]
+    assert "bad.srmf" in err[0]["message"] and words in err[0]["message"], err[0]["message"]
+    assert "Traceback" not in proc.stdout + proc.stderr and "--window" not in err[0]["message"]
+    assert out.read_bytes() == b"the previous output"  # nothing lost
+
+
+def test_bands_that_do_not_match_the_first_convolution_are_refused(tmp_path):
+    from core.errors import ModelFileError
+    from core.model.modelfile import load_model
+
+    def four_bands(h):
+        h["input"].update(bands=["red", "green", "blue", "nir"], mean=[1.0] * 4, std=[1.0] * 4)
+
+    with pytest.raises(ModelFileError, match="input.bands lists 4 bands but the network's first convolution reads 3"):
+        load_model(_default_with(tmp_path, "four.srmf", four_bands))
