@@ -229,6 +229,10 @@ def _evaluate(pred_file, reference_path, reference_field, table, background, ign
     note = ref.unknown_note()
     if note:
         rep.warning(note)
+    if not cm.any():  # issue 13: metrics full of nulls with exit 0 said nothing about the cause
+        raise InputError(f"No pixel to evaluate: the reference {reference_path} and the prediction {pred_file} "
+                         f"share no valid pixel — they do not overlap, or every shared pixel is nodata or ignored "
+                         f"({ignored_pred} prediction nodata, {ignored_ref} reference nodata or unmapped)")
     if raw_ids:
         keep = [k for k in range(K) if cm[k, :].any() or cm[:, k].any()]
         if not keep:

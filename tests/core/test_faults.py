@@ -173,3 +173,23 @@ def test_bands_that_do_not_match_the_first_convolution_are_refused(tmp_path):
 
     with pytest.raises(ModelFileError, match="input.bands lists 4 bands but the network's first convolution reads 3"):
         load_model(_default_with(tmp_path, "four.srmf", four_bands))
+
+
+def test_evaluate_refuses_a_reference_that_does_not_overlap(tmp_path):
+    """An Adelaide (EPSG:4326) prediction against an OSBS (Florida, UTM 17N) reference: exit 2, both named
+    (before: exit 0 and metrics full of nulls)."""
+    import subprocess
+    import sys
+
+    from conftest import OSBS, ROOT
+
+    pred = _copy(tmp_path, "pred.tif", (gdal.Open(str(ADELAIDE)).ReadAsArray()[:1] % 5).astype(np.uint8), gdal.GDT_Byte)
+    ref = _copy(tmp_path, "ref.tif", (gdal.Open(str(OSBS)).ReadAsArray()[:1] % 5).astype(np.uint8), gdal.GDT_Byte,
+                like=OSBS)
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "core", "evaluate", str(pred), str(ref), "--output-json", str(report),
+                           "--json"], cwd=ROOT, capture_output=True, text=True)
+    err = [json.loads(ln) for ln in proc.stdout.splitlines() if '"type": "error"' in ln]
+    assert proc.returncode == 2 and err, proc.stdout[-2000:]
+    assert "pred.tif" in err[0]["message"] and "ref.tif" in err[0]["message"] and "overlap" in err[0]["message"]
+    assert "Traceback" not in proc.stdout + proc.stderr and not report.exists()
