@@ -3,10 +3,11 @@ written to ``.<stem>.<random>.partial<suffix>`` beside its target and renamed on
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The repository (= QGIS plugin) folder: resources/ (default model, concept vocabulary) live under it."""
@@ -26,17 +27,58 @@ def default_file_mode() -> int:
 
 
 def partial_path(final: PathLike) -> Path:
-    """Create an empty temporary file beside ``final``, named ``.<stem>.<random>.partial<suffix>`` (the
+    """Create an empty temporary file beside ``final``, named ``.<stem>.<pid>-<random>.partial<suffix>`` (the
     suffix kept so that GDAL picks the driver), with the mode a plain ``open()`` gives; return its path.
+
+    First removes the partial files of ``final`` that a killed run left (:func:`remove_stale_partials`).
 
     Raises:
         OSError: the folder of ``final`` does not exist or is not writable.
     """
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(dir=str(final.parent), prefix=f".{final.stem}.", suffix=f".{PARTIAL}{final.suffix}")
+    remove_stale_partials(final)
+    fd, tmp = tempfile.mkstemp(dir=str(final.parent), prefix=f".{final.stem}.{os.getpid()}-",
+                               suffix=f".{PARTIAL}{final.suffix}")
     os.close(fd)
     os.chmod(tmp, default_file_mode())
     return Path(tmp)
+
+
+def _pid_alive(pid: int) -> Optional[bool]:
+    """Whether process ``pid`` runs on this machine: psutil where installed, else signal 0 on POSIX; None
+    where it cannot be told (Windows without psutil, where ``os.kill(pid, 0)`` would send CTRL_C)."""
+    try:
+        import psutil
+
+        return bool(psutil.pid_exists(pid))
+    except ImportError:
+        pass
+    if os.name != "posix":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def remove_stale_partials(final: PathLike) -> List[Path]:
+    """Remove ``final``'s partial files (``.<stem>.<pid>-*.partial*``) whose writing process no longer runs —
+    what a SIGKILLed or crashed run leaves; a live writer's (a concurrent run) and unknown ones are kept.
+    Returns the removed paths."""
+    final = Path(final)
+    removed = []
+    for f in final.parent.glob(f".{glob.escape(final.stem)}.*-*.{PARTIAL}*"):
+        pid = f.name[len(final.stem) + 2:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)) is False:
+            try:
+                f.unlink()
+                removed.append(f)
+            except OSError:
+                pass
+    return removed
 
 
 def publish(tmp: PathLike, final: PathLike) -> Path:

@@ -193,3 +193,40 @@ def test_evaluate_refuses_a_reference_that_does_not_overlap(tmp_path):
     assert proc.returncode == 2 and err, proc.stdout[-2000:]
     assert "pred.tif" in err[0]["message"] and "ref.tif" in err[0]["message"] and "overlap" in err[0]["message"]
     assert "Traceback" not in proc.stdout + proc.stderr and not report.exists()
+
+
+# -- partial files of killed runs (issue 13, part 4) ---------------------------------------------------
+def test_a_killed_runs_partial_file_is_removed_by_the_next_run_but_a_live_writers_is_kept(tmp_path):
+    """A SIGKILLed segment leaves its hidden partial; the next run over the same output removes it, while a
+    partial of a process that still runs (a concurrent writer) is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "classes.tif"
+    proc = subprocess.Popen([sys.executable, "-m", "core", "segment", str(ADELAIDE), str(out), "--window", "128",
+                             "--stride", "64", "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # killed once it is writing (its first progress line)
+        if '"progress"' in line:
+            break
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".classes.*partial*")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stale = list(tmp_path.glob(".classes.*partial*"))
+    assert stale and all(f".classes.{proc.pid}-" in p.name for p in stale)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live other process
+    try:
+        live = tmp_path / f".classes.{writer.pid}-abcd.partial.tif"
+        live.write_bytes(b"a concurrent writer's")
+        res = _segment(ADELAIDE, out, io.StringIO())
+        assert res["output"] == str(out) and out.exists()
+        assert not any(p.exists() for p in stale) and live.exists()
+    finally:
+        writer.kill()
+        writer.wait()
