@@ -251,3 +251,33 @@ def cpu_batch_size(window: int, backbone: str, precision: Precision,
     batch = max(1, min(CPU_BATCH_MAX, fit))
     return batch, (f"batch {batch}: ~{per:.0f} MiB per window, {available / 2 ** 30:.1f} GiB free"
                    + (" (memory is short: smaller windows or closing programs would help)" if fit < 1 else ""))
+
+
+class NetworkRunner:
+    """What every inference runner shares (:class:`core.windows.WindowPredictor`, the findclass
+    ``FeatureRunner``): the model prepared on its device (eval, channels_last), the job's precision resolved
+    and guarded (:class:`GuardedRun`), and batches moved in (pinned and non-blocking on CUDA, channels_last).
+
+    Args:
+        model: the network. device: the compute device. precision: a :class:`Precision` or a ``--precision``
+            spec. log: ``log(text, level)`` for the precision check's line.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision="fp32",
+                 log: Optional[Callable[[str, str], None]] = None):
+        self.model = prepare_model(model.eval(), device)
+        self.device = device
+        if not isinstance(precision, Precision):
+            precision = resolve_precision(precision, device)
+        self.run = GuardedRun(self.model, device, precision, log)
+
+    @property
+    def precision(self) -> Precision:
+        """The :class:`Precision` in use (float32 after a failed auto check)."""
+        return self.run.precision
+
+    def _input(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device, in channels_last memory."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return channels_last(batch)

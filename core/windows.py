@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from core.device import DEFAULT_BATCH, resolve_device
+from core.execution import NetworkRunner
 from core.errors import InputError
 from core.model.modelfile import DEFAULT_INFERENCE
 
@@ -39,7 +40,7 @@ def validate_window(window: int, stride: int) -> None:
         raise InputError(f"--stride must be between 1 and the window ({window}) pixels (got {stride})")
 
 
-class WindowPredictor:
+class WindowPredictor(NetworkRunner):
     """Runs the network on batches of windows and returns full-resolution logits.
 
     Model and batches in channels_last memory; the job's precision (:mod:`core.execution`: float32, or
@@ -47,36 +48,13 @@ class WindowPredictor:
     non-blocking copies. Logits come back as float32. Call: float32 (B, 3, window, window), normalised →
     float32 (B, K, window, window) on the compute device.
 
-    Args:
-        model: the network. device: the compute device. precision: a :class:`core.execution.Precision`
-            or a ``--precision`` spec (``auto``, ``fp32``, ``bf16``); default float32, the exact path (a guarded
-            ``auto`` predictor runs its first call in float32 and later ones in bf16). log: ``log(text, level)`` for the
-            precision check's line (e.g. a Reporter's ``log``).
+    Args: as :class:`core.execution.NetworkRunner`; ``precision`` defaults to float32, the exact path (a
+        guarded ``auto`` predictor runs its first call in float32 and later ones in bf16).
     """
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision="fp32",
-                 log: Optional[Callable[[str, str], None]] = None):
-        from core.execution import GuardedRun, Precision, prepare_model, resolve_precision
-
-        self.model = prepare_model(model.eval(), device)
-        self.device = device
-        self.cuda = device.type == "cuda"
-        if not isinstance(precision, Precision):
-            precision = resolve_precision(precision, device)
-        self.run = GuardedRun(self.model, device, precision, log)
-
-    @property
-    def precision(self):
-        """The :class:`core.execution.Precision` in use (float32 after a failed auto check)."""
-        return self.run.precision
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        from core.execution import channels_last
-
-        if self.cuda:
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = channels_last(batch)
+        batch = self._input(batch)
         logits = self.run(lambda: self.model(batch).float(), lambda out: out.argmax(1))
         return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from core.errors import InputError
 from core.findclass.params import CELL, FEATURE_SPACES
 from core.model.modelfile import DEFAULT_INFERENCE
+from core.execution import NetworkRunner
 from core.windows import StripRow, iter_window_rows
 
 
@@ -48,7 +49,7 @@ class CellGrid:
 
 
 # -- features from the streamed windows ------------------------------------------------------------------
-class FeatureRunner:
+class FeatureRunner(NetworkRunner):
     """The network's stride-4 feature maps of a batch of windows.
 
     Call: float32 (B, 3, window, window), normalised → ``{"fused": (B, 256, window/4, window/4),
@@ -63,24 +64,13 @@ class FeatureRunner:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, features: str = "fused", precision="fp32",
                  log=None):
-        from core.execution import GuardedRun, Precision, prepare_model, resolve_precision
-
         if features not in FEATURE_SPACES:
             raise InputError(f"--features must be one of {', '.join(FEATURE_SPACES)} (got {features!r})")
         if features != "fused" and getattr(model.head, "text_bank", None) is None:
             raise InputError(f"--features {features}: the model has no text fusion (no text-aligned projection); "
                              "use --features fused")
-        self.model = prepare_model(model.eval(), device)
-        self.device = device
+        super().__init__(model, device, precision, log)
         self.features = features
-        if not isinstance(precision, Precision):
-            precision = resolve_precision(precision, device)
-        self.run = GuardedRun(self.model, device, precision, log)
-
-    @property
-    def precision(self):
-        """The :class:`core.execution.Precision` in use (float32 after a failed auto check)."""
-        return self.run.precision
 
     def _classes(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's classes at stride 4 from the fused map (the precision check's measure)."""
@@ -88,11 +78,7 @@ class FeatureRunner:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
-        from core.execution import channels_last
-
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = channels_last(batch)
+        batch = self._input(batch)
         out = self.run(lambda: self.model.forward_features(batch), self._classes)
         fused = out["fused"].float()
         if self.features == "fused":

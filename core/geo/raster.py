@@ -256,7 +256,8 @@ class StripReader:
             if arr.dtype.kind in "fc":
                 ok = np.isfinite(arr)
                 finite = ok if finite is None else (finite & ok)
-                arr = np.where(ok, arr, 0).astype(arr.dtype)  # no NaN reaches the scaling or the model
+                if not ok.all():
+                    arr[~ok] = 0  # no NaN reaches the scaling or the model (arr is this read's own array)
             raw[b] = arr
         if finite is not None:
             valid = finite if valid is None else (valid & finite)
