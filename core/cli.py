@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -95,6 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rep = Reporter(json_mode="--json" in argv)
     signal.signal(signal.SIGTERM, _raise_cancelled)
+    sys.unraisablehook = _quiet_discarded_datasets
     try:
         args = build_parser().parse_args(argv)
         _command(args.command, 1)(args, rep)
@@ -108,7 +110,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exc.exit_code
     except SystemExit as exc:  # argparse --help
         return int(exc.code or 0)
-    except Exception as exc:  # noqa: BLE001 - report anything else as an engine error, with a traceback
-        rep.log(traceback.format_exc(), "error")
-        rep.error(exc, 1)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - anything else: named when it is the machine's, else a bug
+        err = machine_error(exc)
+        if err is None or os.environ.get("SRMF_DEBUG"):
+            rep.log(traceback.format_exc(), "error")  # a bug of ours: the traceback is what a report needs
+        err = err or exc
+        code = getattr(err, "exit_code", 1)
+        rep.error(err, code)
+        return code
+
+
+def _quiet_discarded_datasets(unraisable) -> None:
+    """``sys.unraisablehook`` of the CLI: GDAL's error from the destructor of a dataset (its last write
+    failing, e.g. a full disk) is dropped — every output that is published is closed and checked first
+    (:func:`core.geo.failures.checked_close`), so a dataset closed by the garbage collector is one being
+    thrown away after an error that was already reported; anything else goes to Python's default hook."""
+    name = getattr(unraisable.object, "__name__", "")
+    if isinstance(unraisable.exc_value, RuntimeError) and name.startswith("delete_"):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def machine_error(exc: BaseException) -> Optional[SRMFError]:
+    """The engine error for a failure of the machine or of GDAL that no command wrapped (the last guard of
+    "no traceback for what is not a bug", issue 13), or None for anything else (a bug: its traceback is
+    logged). An OSError names its file: a full disk or I/O failure is a WriteError (exit 1), a missing
+    or forbidden file an InputError (exit 2); MemoryError says what to lower; a GDAL RuntimeError (raised
+    from the osgeo bindings) keeps GDAL's message, which names the file."""
+    from .errors import write_error
+
+    if isinstance(exc, MemoryError):
+        return SRMFError("Out of memory: lower --batch-size or --window, or close other programs, and run again")
+    if isinstance(exc, OSError):
+        import errno
+
+        if errno.errorcode.get(exc.errno or -1) in ("ENOENT", "EACCES", "EPERM", "EROFS", "ENOTDIR", "EISDIR"):
+            return InputError(f"{exc.filename or 'a file'}: {exc.strerror}")
+        return write_error(exc.filename or "a file", exc)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if isinstance(exc, RuntimeError) and tb is not None and "osgeo" in tb.tb_frame.f_code.co_filename:
+        return SRMFError(f"GDAL failed: {exc}")
+    return None

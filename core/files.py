@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
+from core.errors import io_errno, write_error
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The repository (= QGIS plugin) folder: resources/ (default model, concept vocabulary) live under it."""
 
@@ -101,16 +103,23 @@ def discard(*paths: PathLike) -> None:
 def atomic_output(final: PathLike, create: bool = True) -> Iterator[Path]:
     """``with atomic_output(path) as tmp:`` write ``tmp``; on a normal exit it replaces ``path``, on an
     exception (or cancel) it is removed and ``path`` is untouched. ``create=False``: ``tmp`` does not exist
-    yet (for writers that refuse an existing file, e.g. GDAL's GeoPackage driver)."""
+    yet (for writers that refuse an existing file, e.g. GDAL's GeoPackage driver).
+
+    Raises:
+        WriteError / InputError: an I/O failure while writing (:func:`core.errors.write_error`: a full disk
+            is a WriteError, exit 1), naming ``path``; other exceptions of the block as they are.
+    """
     tmp = partial_path(final)
     if not create:
         tmp.unlink()
     try:
         yield tmp
-    except BaseException:
+        publish(tmp, final)
+    except BaseException as exc:
         discard(tmp)
+        if isinstance(exc, OSError) or io_errno(exc) is not None:  # a full disk: named, no traceback
+            raise write_error(final, exc) from None
         raise
-    publish(tmp, final)
 
 
 def check_writable_folder(folder: PathLike) -> None:

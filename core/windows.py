@@ -426,10 +426,10 @@ class InferenceJob:
         from core.geo.raster import StripReader, compute_scaling
 
         inp = self.input
-        scaling = compute_scaling(self.ds, self.bands, inp["scaling"], inp["value_range"])
+        scaling = compute_scaling(self.ds, self.bands, inp["scaling"], inp["value_range"], name=self.path)
         for note in scaling.notes:
             rep.log("scaling: " + note)
-        return StripReader(self.ds, self.bands, scaling)
+        return StripReader(self.ds, self.bands, scaling, name=self.path)
 
 
 def _log_band_use(ds, path, band_list: Sequence[int], rep) -> None:

@@ -61,6 +61,7 @@ from core.errors import InputError
 gdal.UseExceptions()
 from core.evaluate.reference import (IGNORE, _PolygonReference, _RasterReference, _STRIP_PIXELS, _check_reference,
                                      _is_integer_type, _open_raster, _valid)
+from core.geo.failures import reading
 from core.geo.vector import parse_vector_source
 from core.evaluate.report import _confusion_csv_text, _csv_text, _json_safe, _write_atomic, confusion_csv_path
 from core.metrics import confusion_matrix, metrics_from_confusion
@@ -146,7 +147,7 @@ def _check_outputs(prediction_path, reference_path, output_json, output_csv, ove
     Raises:
         InputError: an output exists without ``overwrite``, two outputs are one file, an output is an input.
     """
-    from core.geo.raster import check_output_path
+    from core.geo.raster import check_not_read, check_output_path
 
     out_json = check_output_path(output_json, overwrite, "JSON output") if output_json else None
     out_csv = check_output_path(output_csv, overwrite, "CSV output") if output_csv else None
@@ -155,10 +156,17 @@ def _check_outputs(prediction_path, reference_path, output_json, output_csv, ove
     if len({p.resolve() for p in outs}) != len(outs):
         raise InputError("--output-json and --output-csv must be different files")
     ref_file = parse_vector_source(str(reference_path))[0]
-    for p in outs:
-        if p.resolve() in {Path(prediction_path).resolve(), Path(ref_file).resolve()}:
-            raise InputError(f"The output {p} would overwrite an input")
+    check_not_read(outs, [(_opened(f), f) for f in (prediction_path, ref_file)])
     return out_json, out_csv, out_cm
+
+
+def _opened(path):
+    """``path`` opened by GDAL (raster or vector) to list the files it reads, or None when it cannot be
+    (the input's own check names the problem later)."""
+    try:
+        return gdal.OpenEx(str(path))
+    except RuntimeError:
+        return None
 
 
 def _predict_and_evaluate(prediction_path, reference_path, reference_field, table, background, ignore,
@@ -220,7 +228,8 @@ def _evaluate(pred_file, reference_path, reference_field, table, background, ign
         ref = _RasterReference(reference_path, pred_ds, table, ignore, rep)
     else:
         ref = _PolygonReference(reference_path, reference_field, pred_ds, table, background, ignore, rep)
-    cm, bad, ignored_pred, ignored_ref = _accumulate(pband, ref, table, pred_ds.RasterXSize, pred_ds.RasterYSize, rep)
+    cm, bad, ignored_pred, ignored_ref = _accumulate(pband, ref, table, pred_ds.RasterXSize, pred_ds.RasterYSize, rep,
+                                                     pred_file)
     if bad:
         shown = ", ".join(f"{v} ({c} px)" for v, c in sorted(bad.items())[:10])
         known = ", ".join(f"{c['id']} {c['name']}" for c in table) if not raw_ids else "0..254"
@@ -288,7 +297,7 @@ def _resolve_table(table, pred_classes, pred_file, rep):
     return table, raw_ids
 
 
-def _accumulate(pband, ref, table, W: int, H: int, rep):
+def _accumulate(pband, ref, table, W: int, H: int, rep, pred_path="the prediction"):
     """Read the prediction and the reference strip by strip into a (K, K) int64 confusion matrix.
 
     Returns:
@@ -306,7 +315,8 @@ def _accumulate(pband, ref, table, W: int, H: int, rep):
     rows = max(1, min(H, _STRIP_PIXELS // max(W, 1)))
     for y0 in range(0, H, rows):
         n = min(rows, H - y0)
-        pidx, pok = _prediction_strip(pband, y0, n, W, pnd, lut, bad)
+        with reading(pred_path, "prediction raster"):
+            pidx, pok = _prediction_strip(pband, y0, n, W, pnd, lut, bad)
         r = ref.read(y0, n)
         ignored_pred += int((~pok).sum())
         ignored_ref += int(((r == IGNORE) & pok).sum())

@@ -12,7 +12,8 @@ gdal.UseExceptions()
 ogr.UseExceptions()
 osr.UseExceptions()
 from core.classtable import IGNORE
-from core.geo.vector import find_field, open_layer, parse_vector_source, traditional
+from core.geo.failures import reading
+from core.geo.vector import GeometryRepairs, find_field, open_layer, parse_vector_source, reprojected, traditional
 from core.classtable import colour_rgb
 
 _STRIP_PIXELS = 1 << 22  # pixels per strip (4 Mpx: a few tens of MB of working arrays)
@@ -175,6 +176,12 @@ class _RasterReference:
             self.mapper = _ValueMapper(pairs, dtype)
 
     def read(self, y0: int, rows: int) -> np.ndarray:
+        """Class indices uint8 (rows, W) of rows ``y0..y0+rows`` (255: nodata or no class). Raises
+        ReadError: GDAL cannot read them (a truncated or damaged reference), naming the file."""
+        with reading(self.path, "reference raster"):
+            return self._read(y0, rows)
+
+    def _read(self, y0: int, rows: int) -> np.ndarray:
         W = self.ds.RasterXSize
         if self.rgb:
             bands = [self.ds.GetRasterBand(b) for b in (1, 2, 3)]
@@ -315,6 +322,7 @@ class _PolygonReference:
         self.mem_ds = drv.CreateDataSource("evaluate_reference")
         self.mem = self.mem_ds.CreateLayer("reference", None, ogr.wkbUnknown)
         self.mem.CreateField(ogr.FieldDefn("cls", ogr.OFTInteger))
+        self.rep, self.repairs = rep, GeometryRepairs(self.path)
         burnt, unknown = self._copy_classified(layer, field, classes, ignore, transform)
         names = ", ".join(c["name"] for c in classes)
         if unknown:
@@ -351,32 +359,42 @@ class _PolygonReference:
         unknown: Dict[Any, int] = {}
         burnt = 0
         layer.ResetReading()
-        for feat in layer:
-            geom = feat.GetGeometryRef()
-            if geom is None or geom.IsEmpty():
-                continue
-            v = feat.GetField(field) if feat.IsFieldSetAndNotNull(field) else None
-            if v is None:
-                unknown["NULL"] = unknown.get("NULL", 0) + 1
-                continue
-            key = v if not isinstance(v, str) else v.strip()
-            if key not in cache:
-                cache[key] = _class_of_value(v, classes)
-            idx = cache[key]
-            if idx is None:
-                if not any(_same_value(v, i) for i in ignore):
-                    unknown[key] = unknown.get(key, 0) + 1
-                continue
-            g = geom.Clone()
-            if transform is not None:
-                g.Transform(transform)
-            out = ogr.Feature(mdefn)
-            out.SetField("cls", int(idx))
-            out.SetGeometry(g)
-            self.mem.CreateFeature(out)
-            burnt += 1
+        with reading(self.path, "reference layer"):
+            for feat in layer:
+                burnt += self._copy_feature(feat, field, classes, ignore, transform, mdefn, cache, unknown)
         layer.ResetReading()
+        self.repairs.check()
+        if self.repairs.message():
+            self.rep.warning(self.repairs.message())
         return burnt, unknown
+
+    def _copy_feature(self, feat, field, classes, ignore, transform, mdefn, cache, unknown) -> int:
+        """One feature of :meth:`_copy_classified`: 1 when copied, else 0 (its value counted in ``unknown``
+        when it maps to no class and is not ignored). An invalid polygon is repaired (GEOS make-valid)."""
+        geom = feat.GetGeometryRef()
+        if geom is None or geom.IsEmpty():
+            return 0
+        v = feat.GetField(field) if feat.IsFieldSetAndNotNull(field) else None
+        if v is None:
+            unknown["NULL"] = unknown.get("NULL", 0) + 1
+            return 0
+        key = v if not isinstance(v, str) else v.strip()
+        if key not in cache:
+            cache[key] = _class_of_value(v, classes)
+        idx = cache[key]
+        if idx is None:
+            if not any(_same_value(v, i) for i in ignore):
+                unknown[key] = unknown.get(key, 0) + 1
+            return 0
+        geom = self.repairs.fix(geom, feat.GetFID())
+        if geom is None:
+            return 0
+        g = reprojected(geom, transform, self.path, feat.GetFID(), "the prediction's CRS")
+        out = ogr.Feature(mdefn)
+        out.SetField("cls", int(idx))
+        out.SetGeometry(g)
+        self.mem.CreateFeature(out)
+        return 1
 
     def read(self, y0: int, rows: int) -> np.ndarray:
         gt = self.gt

@@ -112,7 +112,8 @@ def _patch_ring(pt: Patch, grid: CellGrid, pc: int, gt) -> List[Tuple[float, flo
     return [tuple(gdal.ApplyGeoTransform(g, x, y)) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
 
 
-def write_candidates(path: str, ranked: Sequence[Patch], grid: CellGrid, pc: int, gt, srs, meta: dict) -> List[dict]:
+def write_candidates(path: str, ranked: Sequence[Patch], grid: CellGrid, pc: int, gt, srs, meta: dict,
+                     name=None) -> List[dict]:
     """The candidate polygons (GeoPackage layer ``candidates``, fields rank, score, cluster 1-based, status
     ``pending``) at ``path`` (a new file), plus a one-row table ``srmf_findclass`` holding ``meta`` (the
     run's parameters, threshold and centroids, JSON) for the hand-off.
@@ -121,13 +122,30 @@ def write_candidates(path: str, ranked: Sequence[Patch], grid: CellGrid, pc: int
         ranked: the review order. grid: the raster's cell grid; pc: patch size in cells. gt, srs: the
             raster's geotransform (None: pixel coordinates) and CRS (or None).
 
+        name: the file to name in messages (``path`` is a partial file that becomes it).
+
     Returns:
         One dict per candidate: rank, score, cluster, patch_row/col, pixel_x/y, bounds (CRS units).
+
+    Raises:
+        WriteError / InputError: the GeoPackage cannot be written (a full disk), naming ``name``.
     """
     from osgeo import ogr
 
-    drv = ogr.GetDriverByName("GPKG")
-    ds = drv.CreateDataSource(path)
+    from core.geo.failures import checked_close, writing
+
+    with writing(name or path):
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(path)
+        rows = _fill_candidates(ds, ranked, grid, pc, gt, srs, meta)
+    with checked_close(name or path):
+        ds = None
+    return rows
+
+
+def _fill_candidates(ds, ranked: Sequence[Patch], grid: CellGrid, pc: int, gt, srs, meta: dict) -> List[dict]:
+    """The layers of :func:`write_candidates` in the open GeoPackage ``ds``; returns the rows."""
+    from osgeo import ogr
+
     lyr = ds.CreateLayer(CANDIDATES_LAYER, srs=srs, geom_type=ogr.wkbPolygon)
     for name, typ in (("rank", ogr.OFTInteger), ("score", ogr.OFTReal), ("cluster", ogr.OFTInteger),
                       ("status", ogr.OFTString)):
@@ -159,8 +177,6 @@ def write_candidates(path: str, ranked: Sequence[Patch], grid: CellGrid, pc: int
     f = ogr.Feature(mlyr.GetLayerDefn())
     f.SetField("meta", json.dumps(meta))
     mlyr.CreateFeature(f)
-    lyr = mlyr = None
-    ds = None
     return rows
 
 

@@ -64,7 +64,8 @@ def read_examples(vector, ds, grid: CellGrid, *, layer=None, negative_field: Opt
     """
     from osgeo import gdal
 
-    from core.geo.vector import reprojected
+    from core.geo.failures import reading
+    from core.geo.vector import GeometryRepairs, reprojected
 
     if max_per_polygon < 1:
         raise InputError(f"--max-per-polygon must be at least 1 (got {max_per_polygon})")
@@ -74,27 +75,37 @@ def read_examples(vector, ds, grid: CellGrid, *, layer=None, negative_field: Opt
     inv = gdal.InvGeoTransform(cgt)
     rng = np.random.default_rng(seed)
     polygons: List[ExamplePolygon] = []
+    repairs = GeometryRepairs(vector)
     lyr.ResetReading()
-    for feat in lyr:
-        geom = feat.GetGeometryRef()
-        if geom is None or geom.IsEmpty():
-            info["no_geometry"] += 1
-            continue
-        g = reprojected(geom, ct, vector, feat.GetFID(), f"the CRS of {raster_name}")
-        negative = False
-        if negative_field:
-            idx = feat.GetFieldIndex(negative_field)
-            negative = feat.IsFieldSetAndNotNull(idx) and is_negative(feat.GetField(idx))
-        mask, r0, c0 = _polygon_mask(g, grid, cgt, inv, dst)
-        if mask is None:
-            info["outside"].append(int(feat.GetFID()))
-            continue
-        cells, covered, note, capped = _support_cells(mask, r0, c0, max_per_polygon, rng)
-        info["capped"] += capped
-        polygons.append(ExamplePolygon(int(feat.GetFID()), bool(negative), cells, covered, note))
-        info["negative" if negative else "positive"] += 1
-        info["support_cells"] += len(cells)
+    with reading(vector, "example layer"):
+        for feat in lyr:
+            geom = feat.GetGeometryRef()
+            if geom is None or geom.IsEmpty():
+                info["no_geometry"] += 1
+                continue
+            geom = repairs.fix(geom, feat.GetFID())
+            if geom is None:
+                continue
+            g = reprojected(geom, ct, vector, feat.GetFID(), f"the CRS of {raster_name}")
+            negative = False
+            if negative_field:
+                idx = feat.GetFieldIndex(negative_field)
+                negative = feat.IsFieldSetAndNotNull(idx) and is_negative(feat.GetField(idx))
+            mask, r0, c0 = _polygon_mask(g, grid, cgt, inv, dst)
+            if mask is None:
+                info["outside"].append(int(feat.GetFID()))
+                continue
+            cells, covered, note, capped = _support_cells(mask, r0, c0, max_per_polygon, rng)
+            info["capped"] += capped
+            polygons.append(ExamplePolygon(int(feat.GetFID()), bool(negative), cells, covered, note))
+            info["negative" if negative else "positive"] += 1
+            info["support_cells"] += len(cells)
     vds = None
+    repairs.check()
+    if repairs.summary():
+        info["invalid_geometries"] = repairs.summary()
+        if reporter is not None:
+            reporter.warning(repairs.message())
     _check_examples(polygons, info, vector, ds, gt, ct is not None, negative_field, raster_name, reporter)
     return polygons, info
 

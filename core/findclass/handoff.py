@@ -11,7 +11,7 @@ from core.errors import InputError
 from core.findclass.candidates import read_candidates
 from core.findclass.params import STATUSES
 from core.findclass.examples import is_negative
-from core.files import partial_path, publish
+from core.files import atomic_output
 
 
 @dataclass
@@ -130,25 +130,26 @@ def _write_labels(h: HandOff, labels: Path) -> None:
     ``source``), written under a temporary name and published when complete."""
     from osgeo import ogr, osr
 
-    tmp = partial_path(labels)
-    tmp.unlink()  # the GeoPackage driver creates the file itself
+    from core.geo.failures import checked_close, writing
+
     srs = None
     if h.srs_wkt:
         srs = osr.SpatialReference()
         srs.ImportFromWkt(h.srs_wkt)
-    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp))
-    lyr = ds.CreateLayer("labels", srs=srs, geom_type=ogr.wkbUnknown)
-    lyr.CreateField(ogr.FieldDefn("class", ogr.OFTString))
-    lyr.CreateField(ogr.FieldDefn("source", ogr.OFTString))
-    for wkt, source in h.polygons:
-        f = ogr.Feature(lyr.GetLayerDefn())
-        f.SetField("class", h.class_name)
-        f.SetField("source", source)
-        f.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
-        lyr.CreateFeature(f)
-    lyr = None
-    ds = None
-    publish(tmp, labels)
+    with atomic_output(labels, create=False) as tmp, writing(labels):  # the GPKG driver creates the file
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp))
+        lyr = ds.CreateLayer("labels", srs=srs, geom_type=ogr.wkbUnknown)
+        lyr.CreateField(ogr.FieldDefn("class", ogr.OFTString))
+        lyr.CreateField(ogr.FieldDefn("source", ogr.OFTString))
+        for wkt, source in h.polygons:
+            f = ogr.Feature(lyr.GetLayerDefn())
+            f.SetField("class", h.class_name)
+            f.SetField("source", source)
+            f.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
+            lyr.CreateFeature(f)
+        lyr = f = None
+        with checked_close(labels):
+            ds = None
 
 
 def _with_class(lm, h: HandOff, colour: Optional[str], text_encoder, candidates):

@@ -204,19 +204,24 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     polygons, ex_info = read_examples(examples, ds, grid, layer=layer, negative_field=negative_field,
                                       max_per_polygon=max_per_polygon, seed=seed, raster_name=str(raster),
                                       reporter=rep)
+    from core.geo.raster import check_not_read
+
+    check_not_read([Path(output_dir) / RELEVANCE_NAME, Path(output_dir) / CANDIDATES_NAME],
+                   [(ds, raster), (None, examples)])
     out_dir, created = _prepare_output_dir(output_dir, overwrite)
-    run = _Run(raster, examples, negative_field, clusters, top_n, patch, mode, features, center, recall_target,
-               seed, prefetch, rep, job, grid, runner, job.strip_reader(rep), polygons, ex_info, out_dir)
-    _log_start(run)
+    run = None
     try:
+        run = _Run(raster, examples, negative_field, clusters, top_n, patch, mode, features, center, recall_target,
+                   seed, prefetch, rep, job, grid, runner, job.strip_reader(rep), polygons, ex_info, out_dir)
+        _log_start(run)
         support = _support(run)
         cen = _centroids(run, support)
         thr = _calibrate(run, support, cen)
         scores = _score(run, support, cen, thr)
         patches, ranked = _rank(run, scores, thr)
         published = _publish(run, support, cen, thr, scores, ranked)
-    except BaseException:
-        _discard(run.tmp_paths, out_dir, created)
+    except BaseException:  # nothing of the run is left, its folder neither when it made it
+        _discard(run.tmp_paths if run is not None else [], out_dir, created)
         raise
     return _result(run, support, cen, thr, scores, patches, published, t_start)
 
@@ -445,35 +450,31 @@ class _CellMaps:
 @dataclass
 class _Scores:
     """What scoring leaves: the patch ``scorer``, ``stats`` (cells scored / above the threshold), the
-    class ``maps`` (predicted prototypes), the relevance raster's temporary path and the windows run."""
+    class ``maps`` (predicted prototypes), the relevance raster (closed, not yet published) and the windows run."""
 
     scorer: PatchScorer
     stats: dict
     maps: _CellMaps
-    rel_tmp: str
+    relevance: object
     windows: int
 
 
 def _relevance_raster(run: _Run, description: str):
     """The relevance GeoTIFF (float32, one band, the cell grid) under a temporary name (recorded in
-    ``run.tmp_paths``): ``(path, dataset)``."""
+    ``run.tmp_paths``): a :class:`~core.geo.raster.AtomicGeoTIFF`."""
     from osgeo import gdal
 
-    from core.geo.raster import GTIFF_OPTIONS
+    from core.geo.raster import GTIFF_OPTIONS, AtomicGeoTIFF
 
     grid = run.grid
-    rel_tmp = str(partial_path(run.out_dir / RELEVANCE_NAME))
-    run.tmp_paths.append(rel_tmp)
-    rel_ds = gdal.GetDriverByName("GTiff").Create(rel_tmp, grid.cols, grid.rows, 1, gdal.GDT_Float32,
-                                                  list(GTIFF_OPTIONS) + ["PREDICTOR=3"])
-    if run.gt is not None:
-        rel_ds.SetGeoTransform(grid.geotransform(run.gt))
-    if run.srs is not None:
-        rel_ds.SetSpatialRef(run.srs)
-    rel_band = rel_ds.GetRasterBand(1)
+    rel = AtomicGeoTIFF(run.out_dir / RELEVANCE_NAME, None, 1, gdal.GDT_Float32, list(GTIFF_OPTIONS) + ["PREDICTOR=3"],
+                        size=(grid.cols, grid.rows),
+                        geotransform=None if run.gt is None else grid.geotransform(run.gt), srs=run.srs)
+    run.tmp_paths.append(rel.tmp)
+    rel_band = rel.band(1)
     rel_band.SetNoDataValue(NODATA)
     rel_band.SetDescription(description)
-    return rel_tmp, rel_ds
+    return rel
 
 
 def _score(run: _Run, support: _Support, cen: _Centroids, thr: dict) -> _Scores:
@@ -481,9 +482,8 @@ def _score(run: _Run, support: _Support, cen: _Centroids, thr: dict) -> _Scores:
     scores and the classes' predicted prototypes, in one pass of the windows."""
     maps = _CellMaps(run.job.lm, run.job.device, cen, support.background)
     Kp, Kn = maps.Kp, maps.Kn
-    rel_tmp, rel_ds = _relevance_raster(
+    rel = _relevance_raster(
         run, f"relevance ({run.mode} cosine to {Kp} centroid(s)); threshold {thr['threshold']:.4f}")
-    rel_band = rel_ds.GetRasterBand(1)
     scorer = PatchScorer(run.grid, run.patch // CELL)
     stats = {"cells": 0, "above": 0}
 
@@ -498,7 +498,7 @@ def _score(run: _Run, support: _Support, cen: _Centroids, thr: dict) -> _Scores:
             r = r - np.clip(s_neg - r, 0.0, None)
         r = r.astype(np.float32)
         r[nan] = np.nan
-        rel_band.WriteArray(np.where(nan, NODATA, r).astype(np.float32), 0, r0)
+        rel.write(1, np.where(nan, NODATA, r).astype(np.float32), 0, r0)
         stats["cells"] += int((~nan).sum())
         stats["above"] += int((r[~nan] >= thr["threshold"]).sum())
         scorer.add(r0, r, cluster)
@@ -507,10 +507,8 @@ def _score(run: _Run, support: _Support, cen: _Centroids, thr: dict) -> _Scores:
     sm = stream_cell_maps(run.reader.read, j.plan, run.grid, run.runner, j.input["mean"], j.input["std"], j.batch,
                           maps, maps.channels, on_rows, prefetch=run.prefetch,
                           progress=lambda f: run.rep.progress(0.3 + 0.65 * f, "relevance"))
-    rel_band = None
-    rel_ds.FlushCache()
-    rel_ds = None
-    return _Scores(scorer, stats, maps, rel_tmp, sm["windows"])
+    rel.close()  # a full disk fails here, before anything is published
+    return _Scores(scorer, stats, maps, rel, sm["windows"])
 
 
 # -- 5. ranking ------------------------------------------------------------------------------------------
@@ -558,19 +556,13 @@ def _publish(run: _Run, support: _Support, cen: _Centroids, thr: dict, scores: _
     os.unlink(gpkg_tmp)  # the GeoPackage driver creates the file itself
     run.tmp_paths.append(gpkg_tmp)
     cand_rows = write_candidates(gpkg_tmp, ranked, run.grid, run.patch // CELL, run.gt, run.srs,
-                                 _run_meta(run, support, cen, thr))
+                                 _run_meta(run, support, cen, thr), name=out_dir / CANDIDATES_NAME)
     lm = run.job.lm
     res_cls = resembles(cen.init, lm.model, lm.classes, scores.maps.predicted_means())
     run.rep.log("resembles: " + ", ".join(
         f"{d['name']} (cosine {d['predicted_cosine'] if d['predicted_cosine'] is not None else 'n/a'} to its "
         f"predicted-cell prototype, {d['classifier_cosine']} to its classifier row)" for d in res_cls))
-    rel_tmp = scores.rel_tmp
-    os.replace(rel_tmp, out_dir / RELEVANCE_NAME)
-    aux = out_dir / (RELEVANCE_NAME + ".aux.xml")
-    if os.path.exists(rel_tmp + ".aux.xml"):
-        os.replace(rel_tmp + ".aux.xml", aux)
-    elif aux.exists():
-        aux.unlink()
+    scores.relevance.publish()
     if (out_dir / CANDIDATES_NAME).exists():
         (out_dir / CANDIDATES_NAME).unlink()
     os.replace(gpkg_tmp, out_dir / CANDIDATES_NAME)

@@ -110,6 +110,9 @@ def run_finetune_command(args, rep) -> dict:
     val_images = None
     if args.val_raster:
         val_images = load_sources(_sources_from_args(args.val_raster, args.val_labels, args.label_field, "val-"), table)
+    for img in images + (val_images or []):
+        for warning in img.source.get("warnings", ()):
+            rep.warning(warning)
     classes = [{**{k: v for k, v in c.items() if k in ("name", "colour", "prompt", "from")}} for c in raw]
     result = finetune(out, images=images, classes=classes, base_model=lm, config=config, device=args.device,
                       val_share=args.val_share,

@@ -180,8 +180,13 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
     import torch
 
     torch.manual_seed(config.seed)
-    result = train_loop(model, names, sampler, val_imgs, config, mean, std, dev, work, on_best, reporter=rep,
-                        resume=resume, dist_info=dist_info, stop_after=stop_after)
+    existed = work.exists()
+    try:
+        result = train_loop(model, names, sampler, val_imgs, config, mean, std, dev, work, on_best, reporter=rep,
+                            resume=resume, dist_info=dist_info, stop_after=stop_after)
+    except BaseException:
+        _tidy_work_dir(work, existed, rep)
+        raise
     payload = _payload(result, classes, report, dev, split_note)
     if dist_info.is_main:
         _publish(best_path, out, work, keep_work_dir)
@@ -318,6 +323,17 @@ def _best_model_writer(best_path: Path, new_header: dict, config, provenance):
         save_model(best_path, m, h)
 
     return on_best
+
+
+def _tidy_work_dir(work: Path, existed: bool, rep) -> None:
+    """After a failed or cancelled run: remove the work folder when this run made it and left nothing in it
+    (issue 13: a refused run leaves nothing it created); when it holds a checkpoint, say how to go on."""
+    if not work.is_dir():
+        return
+    if (work / "checkpoint.safetensors").exists():
+        rep.log(f"the last checkpoint is kept in {work}: run the same command with --resume to continue")
+    elif not existed and not any(work.iterdir()):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _publish(best_path: Path, out: Path, work: Path, keep_work_dir: bool) -> None:

@@ -34,12 +34,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from osgeo import gdal, ogr, osr
 from core.errors import InputError
+from core.geo.failures import reading
 from core.geo.raster import StripReader, compute_scaling, open_raster, select_bands
 gdal.UseExceptions()
 ogr.UseExceptions()
 osr.UseExceptions()
 from core.classtable import ClassTable, IGNORE, value_key, dubai_class_table, load_class_table
-from core.geo.vector import reprojected
+from core.geo.vector import GeometryRepairs, reprojected
 from core.geo.vector import open_layer, traditional
 from core.files import REPO_ROOT
 from core.geo.vector import find_field
@@ -79,8 +80,8 @@ def _read_image(ds: gdal.Dataset, path, bands: Optional[Sequence[int]], model_ba
                 scaling_rule: Optional[dict], value_range: Sequence[float]) -> Tuple[np.ndarray, Optional[np.ndarray], dict]:
     """(image (n, H, W) uint8-or-float32, valid bool (H, W) or None, info)."""
     band_list = select_bands(ds, path, bands, model_bands)
-    scaling = compute_scaling(ds, band_list, scaling_rule or DEFAULT_SCALING, value_range)
-    reader = StripReader(ds, band_list, scaling)
+    scaling = compute_scaling(ds, band_list, scaling_rule or DEFAULT_SCALING, value_range, name=path)
+    reader = StripReader(ds, band_list, scaling, name=path)
     data, valid = reader.read(0, ds.RasterYSize)
     if scaling.identity and all(ds.GetRasterBand(b).DataType == gdal.GDT_Byte for b in band_list):
         data = data.astype(np.uint8)
@@ -184,7 +185,8 @@ def _label_on_grid(label_ds: gdal.Dataset, label_path, like: gdal.Dataset, like_
             raise InputError(f"{label_path}: the label raster does not overlap {like_path} "
                              "(after reprojecting it to the image's CRS)")
     elif size_same:
-        arrays = [label_ds.GetRasterBand(b).ReadAsArray() for b in src_bands]
+        with reading(label_path, "label raster"):
+            arrays = [label_ds.GetRasterBand(b).ReadAsArray() for b in src_bands]
         covered = None
         if not (_has_crs(like) and _has_crs(label_ds)):
             info["aligned"] = "pixel to pixel (same size; no CRS on one or both files)"
@@ -327,27 +329,36 @@ def _class_id_layer(lyr, field_name: str, classes: ClassTable, ct, dst_srs, vect
     unknown: Dict[str, int] = {}
     nulls = 0
     no_geom = 0
+    repairs = GeometryRepairs(vector)
     lyr.ResetReading()
-    for feat in lyr:
-        geom = feat.GetGeometryRef()
-        if geom is None or geom.IsEmpty():
-            no_geom += 1
-            continue
-        idx = feat.GetFieldIndex(field_name)
-        if not feat.IsFieldSetAndNotNull(idx):
-            nulls += 1
-            continue
-        value = feat.GetField(idx)
-        cid = classes.lookup(value)
-        if cid is None:
-            k = value_key(value)
-            unknown[k] = unknown.get(k, 0) + 1
-            continue
-        g = reprojected(geom, ct, vector, feat.GetFID(), "the raster's CRS")
-        out = ogr.Feature(mdefn)
-        out.SetField("srmf_id", int(cid))
-        out.SetGeometry(g)
-        mlyr.CreateFeature(out)
+    with reading(vector, "polygon layer"):
+        for feat in lyr:
+            geom = feat.GetGeometryRef()
+            if geom is None or geom.IsEmpty():
+                no_geom += 1
+                continue
+            idx = feat.GetFieldIndex(field_name)
+            if not feat.IsFieldSetAndNotNull(idx):
+                nulls += 1
+                continue
+            value = feat.GetField(idx)
+            cid = classes.lookup(value)
+            if cid is None:
+                k = value_key(value)
+                unknown[k] = unknown.get(k, 0) + 1
+                continue
+            geom = repairs.fix(geom, feat.GetFID())
+            if geom is None:
+                continue
+            g = reprojected(geom, ct, vector, feat.GetFID(), "the raster's CRS")
+            out = ogr.Feature(mdefn)
+            out.SetField("srmf_id", int(cid))
+            out.SetGeometry(g)
+            mlyr.CreateFeature(out)
+    repairs.check()
+    if repairs.summary():
+        info["invalid_geometries"] = repairs.summary()
+        info["warnings"] = info.get("warnings", []) + [repairs.message()]
     if unknown:
         msg = classes._unexpected_message(f"{vector} field {field_name!r}", unknown, "value")
         raise InputError(msg.replace(" px)", " features)"))

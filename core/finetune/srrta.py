@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
-from core.errors import InputError
+from core.errors import InputError, WriteError
 from core.finetune.crops import Box, IGNORE, Sample, _pad, random_flip
 from core.files import atomic_output
 REGION_CACHE_FORMAT = "srmf-srr-regions"
@@ -275,7 +275,7 @@ def _store_index(cache_file: Path, index: RegionIndex) -> None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(cache_file) as tmp, open(tmp, "w") as f:
             json.dump(index.to_obj(), f)
-    except OSError:
+    except (OSError, InputError, WriteError):  # atomic_output names I/O failures as InputError / WriteError
         pass  # the cache is an optimisation only
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from osgeo import gdal
 from core.errors import InputError
 from core.files import check_writable_folder, discard, partial_path, publish
+from core.geo.failures import checked_close, discarding, reading, writing
 gdal.UseExceptions()
 
 NODATA_CLASS = 255
@@ -146,7 +147,7 @@ class BandScaling:
 
 
 def compute_scaling(ds: gdal.Dataset, bands: Sequence[int], scaling_rule: dict,
-                    value_range: Sequence[float]) -> BandScaling:
+                    value_range: Sequence[float], name=None) -> BandScaling:
     """The value scaling for the selected bands, following the model file's ``input.scaling`` rule.
 
     uint8 bands are used as they are when the model's range is 0..255. Other data types: the per-band
@@ -155,9 +156,12 @@ def compute_scaling(ds: gdal.Dataset, bands: Sequence[int], scaling_rule: dict,
     some), are mapped onto ``value_range``; values beyond saturate, and the share that does is reported
     in ``notes`` — never a silent clip.
 
+    ``name``: the file, for messages (default: the dataset's description).
+
     Raises:
-        InputError: a band has no valid pixel.
+        InputError: a band has no valid pixel. ReadError: GDAL cannot read the pixels (a truncated file).
     """
+    name = name or ds.GetDescription()
     out_lo, out_hi = float(value_range[0]), float(value_range[1])
     dtypes = {ds.GetRasterBand(b).DataType for b in bands}
     if dtypes == {gdal.GDT_Byte} and (out_lo, out_hi) == (0.0, 255.0):
@@ -176,11 +180,12 @@ def compute_scaling(ds: gdal.Dataset, bands: Sequence[int], scaling_rule: dict,
             lows.append(cache[b][0]); highs.append(cache[b][1])
             continue
         band = ds.GetRasterBand(b)
-        arr = band.ReadAsArray(0, 0, w, h, buf_xsize=bw, buf_ysize=bh).astype(np.float64)
-        valid = _valid_mask_for_band(band, 0, 0, w, h, bw, bh, arr)
+        with reading(name):
+            arr = band.ReadAsArray(0, 0, w, h, buf_xsize=bw, buf_ysize=bh).astype(np.float64)
+            valid = _valid_mask_for_band(band, 0, 0, w, h, bw, bh, arr)
         vals = arr[valid & np.isfinite(arr)]
         if vals.size == 0:
-            raise InputError(f"{ds.GetDescription()}: band {b} has no valid (non-nodata) pixel")
+            raise InputError(f"{name}: band {b} has no valid (non-nodata) pixel")
         lo, hi = np.percentile(vals, [lo_p, hi_p])
         if hi <= lo:
             hi = lo + 1.0
@@ -226,8 +231,9 @@ class StripReader:
     value no model input can take; issue 13: a NaN pixel otherwise poisons its whole window).
     """
 
-    def __init__(self, ds: gdal.Dataset, bands: Sequence[int], scaling: BandScaling):
+    def __init__(self, ds: gdal.Dataset, bands: Sequence[int], scaling: BandScaling, name=None):
         self.ds = ds
+        self.name = name or ds.GetDescription()  # the file, for messages
         self.bands = list(bands)
         self.unique = sorted(set(self.bands))
         self.scaling = scaling
@@ -242,8 +248,14 @@ class StripReader:
             ``(data, valid)``: data (n_bands, rows, width) in the model's value range — the raster's own
             type (uint8) when no scaling applies, else float32 (4 times smaller strips for uint8); valid
             bool (rows, width), or ``None`` when the raster has no nodata at all.
+
+        Raises:
+            ReadError: GDAL cannot read the strip (a truncated or damaged file), naming it.
         """
-        rows = min(rows, self.height - y0)
+        with reading(self.name):
+            return self._read(y0, min(rows, self.height - y0))
+
+    def _read(self, y0: int, rows: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         raw = {}
         valid = None
         finite = None
@@ -291,6 +303,55 @@ def check_output_path(path, overwrite: bool, what: str = "output") -> Path:
     if p.exists() and not overwrite:
         raise InputError(f"The {what} file {p} exists; pass --overwrite to replace it")
     return p
+
+
+def files_read(ds, path=None, _seen: Optional[set] = None) -> List[Path]:
+    """Every file the dataset ``ds`` (opened from ``path``) reads, resolved: its own file and side files
+    (GDAL's ``GetFileList``: .aux.xml, .ovr, world files), and through a VRT each source file, nested VRTs
+    followed. ``/vsi`` paths and in-memory datasets contribute nothing. (issue 13: an output may not be
+    one of them, or ``--overwrite`` would destroy the input while it is read.)"""
+    seen = set() if _seen is None else _seen
+    base = Path(str(path or ds.GetDescription() or "."))
+    out: List[Path] = []
+    for name in ds.GetFileList() or []:
+        if not name or name.startswith("/vsi"):
+            continue
+        f = Path(name)
+        if not f.is_absolute():
+            f = (base.parent / f) if (base.parent / f).exists() else Path(os.path.abspath(name))
+        f = f.resolve()
+        if f in seen:
+            continue
+        seen.add(f)
+        out.append(f)
+        if f.suffix.lower() == ".vrt" and f != base.resolve():
+            try:
+                nested = gdal.Open(str(f))
+            except RuntimeError:
+                continue
+            out.extend(files_read(nested, f, seen))
+    return out
+
+
+def check_not_read(outputs: Sequence[Optional[Path]], inputs: Sequence[Tuple[object, object]]) -> None:
+    """Refuse an output path that is a file an input reads (:func:`files_read`; ``inputs`` are
+    ``(dataset, path)`` pairs, a dataset of None meaning just the path).
+
+    Raises:
+        InputError: naming the output, the input and how the input reads it (itself or a VRT source).
+    """
+    for ds, path in inputs:
+        read = files_read(ds, path) if ds is not None else [Path(str(path)).resolve()]
+        own = Path(str(path)).resolve()
+        for out in outputs:
+            if out is None:
+                continue
+            o = Path(out).resolve()
+            if o in read:
+                what = "is the input" if o == own else "is a file that the input"
+                tail = "" if o == own else " reads (a VRT source or a side file)"
+                raise InputError(f"The output {out} {what} {path}{tail}: writing it would destroy the input. "
+                                 "Choose another output name.")
 
 
 def pixel_size_m(ds) -> Optional[float]:
@@ -355,19 +416,28 @@ class AtomicGeoTIFF:
     block by an exception) removes the temporary file and its sidecars.
     """
 
-    def __init__(self, path, like: gdal.Dataset, bands: int, dtype=gdal.GDT_Byte, options=GTIFF_OPTIONS):
+    def __init__(self, path, like: Optional[gdal.Dataset], bands: int, dtype=gdal.GDT_Byte, options=GTIFF_OPTIONS,
+                 *, size: Optional[Tuple[int, int]] = None, geotransform=None, srs=None):
+        """``like``: the dataset whose size, geotransform, CRS (and GCPs) the output takes; or ``None`` with
+        ``size`` ``(width, height)`` in pixels and an optional ``geotransform`` and ``srs``."""
         self.path = Path(path)
         tmp = str(partial_path(self.path.with_suffix(".tif")))
         self.tmp = tmp
         driver = gdal.GetDriverByName("GTiff")
-        self.ds = driver.Create(tmp, like.RasterXSize, like.RasterYSize, bands, dtype, list(options))
-        gt = like.GetGeoTransform(can_return_null=True)
-        if gt is not None:
-            self.ds.SetGeoTransform(gt)
-        srs = like.GetSpatialRef()
+        if like is not None:
+            size, geotransform, srs = ((like.RasterXSize, like.RasterYSize), like.GetGeoTransform(can_return_null=True),
+                                       like.GetSpatialRef())
+        try:
+            with writing(self.path):
+                self.ds = driver.Create(tmp, size[0], size[1], bands, dtype, list(options))
+        except BaseException:
+            discard(tmp)
+            raise
+        if geotransform is not None:
+            self.ds.SetGeoTransform(geotransform)
         if srs is not None:
             self.ds.SetSpatialRef(srs)
-        if like.GetGCPCount():
+        if like is not None and like.GetGCPCount():
             self.ds.SetGCPs(like.GetGCPs(), like.GetGCPSpatialRef())
 
     def __enter__(self):
@@ -381,9 +451,23 @@ class AtomicGeoTIFF:
     def band(self, i: int = 1):
         return self.ds.GetRasterBand(i)
 
-    def commit(self) -> Path:
-        self.ds.FlushCache()
-        self.ds = None
+    def write(self, band: int, array: np.ndarray, x: int, y: int) -> None:
+        """``array`` (rows, cols) into 1-based ``band`` at pixel ``(x, y)``. Raises WriteError (a full
+        disk) / InputError, naming the output, not its partial file."""
+        with writing(self.path):
+            self.ds.GetRasterBand(band).WriteArray(array, x, y)
+
+    def close(self) -> None:
+        """Write the last blocks and close the temporary file, checked (:func:`checked_close`): a full
+        disk fails here, before anything is published. Raises WriteError / InputError."""
+        if self.ds is None:
+            return
+        with checked_close(self.path):
+            self.ds.FlushCache()
+            self.ds = None
+
+    def publish(self) -> Path:
+        """Rename the closed temporary file (and its ``.aux.xml``) onto the target; returns the target."""
         publish(self.tmp, self.path)
         aux = self.tmp + ".aux.xml"
         if os.path.exists(aux):
@@ -392,8 +476,15 @@ class AtomicGeoTIFF:
             os.unlink(str(self.path) + ".aux.xml")  # a stale sidecar of a replaced file
         return self.path
 
+    def commit(self) -> Path:
+        """:meth:`close` then :meth:`publish`. (Several outputs of one run: close them all, then publish
+        them all, so that a full disk on the last leaves none of them.)"""
+        self.close()
+        return self.publish()
+
     def discard(self) -> None:
-        self.ds = None
+        with discarding():
+            self.ds = None
         discard(self.tmp)
 
 

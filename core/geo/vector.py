@@ -112,3 +112,80 @@ def traditional(srs: Optional[osr.SpatialReference]) -> Optional[osr.SpatialRefe
     s = srs.Clone()
     s.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     return s
+
+
+_POLYGONAL = {ogr.wkbPolygon, ogr.wkbMultiPolygon}
+
+
+def repaired_polygon(geom: ogr.Geometry) -> Tuple[Optional[ogr.Geometry], bool]:
+    """A polygon geometry that GEOS accepts: ``(geom, False)`` when ``geom`` is valid, else
+    ``(GEOS make-valid's polygonal part, True)`` — a self-intersecting ring (a "bow tie") becomes the
+    areas it encloses, a hole outside its shell a separate polygon — or ``(None, True)`` when nothing with
+    an area is left (a ring collapsed to a line or a point). Non-polygon geometries (points, lines) are
+    returned as they are.
+
+    Why: GDAL's rasteriser fills rings by the even-odd rule and does not look at validity, so an invalid
+    polygon burns pixels its author did not mean (overlapping rings cancel out), and GEOS predicates
+    (intersection with cells) fail or disagree on it. (issue 13)
+    """
+    flat = ogr.GT_Flatten(geom.GetGeometryType())
+    if flat not in _POLYGONAL or geom.IsValid():
+        return geom, False
+    try:
+        fixed = geom.MakeValid()
+    except RuntimeError:
+        fixed = None
+    if fixed is None or fixed.IsEmpty():
+        return None, True
+    ftype = ogr.GT_Flatten(fixed.GetGeometryType())
+    if ftype in _POLYGONAL:
+        return fixed, True
+    out = ogr.Geometry(ogr.wkbMultiPolygon)  # a collection: keep its polygons (lines and points have no area)
+    for i in range(fixed.GetGeometryCount()):
+        part = fixed.GetGeometryRef(i)
+        t = ogr.GT_Flatten(part.GetGeometryType())
+        if t == ogr.wkbPolygon:
+            out.AddGeometry(part)
+        elif t == ogr.wkbMultiPolygon:
+            for j in range(part.GetGeometryCount()):
+                out.AddGeometry(part.GetGeometryRef(j))
+    return (out, True) if out.GetGeometryCount() else (None, True)
+
+
+class GeometryRepairs:
+    """The invalid polygons met while reading a layer (:func:`repaired_polygon`): ``repaired`` and
+    ``unusable`` feature ids. :meth:`check` refuses unusable ones; :meth:`message` is the warning."""
+
+    def __init__(self, vector):
+        self.vector = vector
+        self.repaired: List[int] = []
+        self.unusable: List[int] = []
+
+    def fix(self, geom: ogr.Geometry, fid: int) -> Optional[ogr.Geometry]:
+        """``geom`` valid (repaired and counted when it was not), or None (counted as unusable)."""
+        g, changed = repaired_polygon(geom)
+        if g is None:
+            self.unusable.append(int(fid))
+        elif changed:
+            self.repaired.append(int(fid))
+        return g
+
+    def check(self) -> None:
+        """Raises InputError naming the features whose polygons have no area once made valid."""
+        if self.unusable:
+            ids = ", ".join(str(i) for i in self.unusable[:20]) + (" …" if len(self.unusable) > 20 else "")
+            raise InputError(f"{self.vector}: {len(self.unusable)} polygon(s) are invalid and enclose no area once "
+                             f"repaired (a ring collapsed to a line or point): feature id(s) {ids}. Fix or delete "
+                             "them (QGIS: Vector > Geometry Tools > Check Validity / Fix Geometries).")
+
+    def message(self) -> Optional[str]:
+        """The warning (count and the first feature ids), or None when every polygon was valid."""
+        if not self.repaired:
+            return None
+        ids = ", ".join(str(i) for i in self.repaired[:20]) + (" …" if len(self.repaired) > 20 else "")
+        return (f"{self.vector}: {len(self.repaired)} invalid polygon(s) (self-intersecting rings, holes outside "
+                f"their shell) were repaired with GEOS make-valid before use: feature id(s) {ids}")
+
+    def summary(self) -> Optional[dict]:
+        """``{"repaired": n, "feature_ids": [...]}`` for a result, or None."""
+        return {"repaired": len(self.repaired), "feature_ids": self.repaired[:100]} if self.repaired else None

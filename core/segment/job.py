@@ -74,7 +74,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         InputError / ModelFileError: bad input, named; nothing is left under the output names.
     """
     from core.protocol import Reporter
-    from core.geo.raster import open_image, pixel_size_m, resolution_warning
+    from core.geo.raster import check_not_read, open_image, pixel_size_m, resolution_warning
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -83,6 +83,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     check_inference_args(window, stride, batch_size, precision)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
     ds = open_image(input_path, rep.log)
+    check_not_read([out, prob], [(ds, input_path)])
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
@@ -100,8 +101,10 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         stats = stream_segmentation(reader.read, job.plan, predictor, job.lm.num_classes, inp["mean"], inp["std"],
                                     job.batch, _row_writer(cls_out, prob_out, counts, job.lm.num_classes),
                                     progress=lambda f: rep.progress(f, "segmenting"), prefetch=prefetch)
+        for o in outputs:  # all closed (a full disk fails here) before any is published: all or none
+            o.close()
         for o in outputs:
-            o.commit()
+            o.publish()
     except BaseException:
         for o in outputs:
             o.discard()
@@ -168,7 +171,7 @@ def _row_writer(cls_out, prob_out, counts: np.ndarray, K: int):
     def on_rows(y0: int, block: RowBlock) -> None:
         cls = block.classes()
         arr = cls.cpu().numpy()
-        cls_out.band(1).WriteArray(arr, 0, y0)
+        cls_out.write(1, arr, 0, y0)
         counts[:] += np.bincount(arr.ravel(), minlength=256)
         if prob_out is not None:
             p = torch.softmax(torch.nan_to_num(block.logits(), nan=0.0), dim=0)
@@ -176,7 +179,7 @@ def _row_writer(cls_out, prob_out, counts: np.ndarray, K: int):
             q[:, cls == 255] = 255
             q = q.cpu().numpy()
             for k in range(K):
-                prob_out.band(k + 1).WriteArray(q[k], 0, y0)
+                prob_out.write(k + 1, q[k], 0, y0)
 
     return on_rows
 

@@ -35,6 +35,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from core.model.text.encoders import TextEncoder, as_plain_float32
+from core.errors import InputError, WriteError
 from core.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,6 @@ def build_text_bank(prompts: Sequence[str], encoder: TextEncoder,
         rows.update(new_rows)
         try:
             _write_cache(path, encoder_id, dim, new_rows, missing)
-        except OSError as e:
+        except (OSError, InputError, WriteError) as e:  # atomic_output names I/O failures so
             log.warning("cannot write the text bank cache %s (%s); continuing without caching", path, e)
     return torch.stack([rows[k] for k in keys]).contiguous()
