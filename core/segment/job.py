@@ -13,13 +13,16 @@ that are entirely nodata are skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from core.errors import InputError
-from core.windows import RowBlock, WindowPredictor, check_inference_args, open_inference, stream_segmentation
+from core.segment.resolution import parse_resolution, processing_grid, resampled_view
+from core.windows import (RowBlock, SlidePlan, WindowPredictor, check_inference_args, open_inference,
+                          stream_segmentation)
 GDAL_CACHE_BYTES = 64 * 1024 * 1024  # a row of 256-px output tiles at 16k width is 4 MiB per band
 PROBABILITY_SCALE = 250  # uint8 probability = round(p * 250); 255 = nodata; GDAL scale 1/250
 
@@ -53,7 +56,8 @@ def class_areas(ds, counts: np.ndarray, classes: Sequence[dict]) -> Tuple[List[d
 def segment_raster(input_path, output_path, model=None, *, window: Optional[int] = None,
                    stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
-                   reporter=None, prefetch: bool = True, precision: str = "auto") -> dict:
+                   reporter=None, prefetch: bool = True, precision: str = "auto", resolution="auto",
+                   pixel_size: Optional[float] = None) -> dict:
     """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
 
     Args:
@@ -66,6 +70,9 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         overwrite: replace existing outputs. reporter: a :class:`~core.protocol.Reporter`.
         prefetch: read the next strip while the current one is computed.
         precision: ``auto``, ``fp32`` or ``bf16`` (:mod:`core.execution`).
+        resolution: ``auto`` (process at the model's GSD when the raster's pixels are more than 1.5x off
+            it), ``native`` or a processing GSD in metres (:mod:`core.segment.resolution`); the output is
+            always on the input's grid. pixel_size: metres, for a raster without georeferencing.
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -81,26 +88,37 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     _limit_gdal_cache()
     # Parameters first: a wrong value fails at once, before the model or the raster is opened.
     check_inference_args(window, stride, batch_size, precision)
+    parse_resolution(resolution)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
     ds = open_image(input_path, rep.log)
     check_not_read([out, prob], [(ds, input_path)])
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
+    grid, why = processing_grid(ds, resolution, job.lm.header.get("gsd_m"), pixel_size)
+    rep.log(why)
+    if grid is not None:  # the network runs on a resampled view; the outputs stay on the input's grid
+        job = dataclasses.replace(job, ds=resampled_view(ds, grid),
+                                  plan=SlidePlan(grid.height, grid.width, job.window, job.stride))
+    else:
+        gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
+        if gsd_note:
+            rep.log(gsd_note, "warning")
     reader = job.strip_reader(rep)
-    gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
-    if gsd_note:
-        rep.log(gsd_note, "warning")
-    _log_job(job, input_path, reader.masked, rep)
+    _log_job(job, ds, input_path, reader.masked, rep)
     predictor = WindowPredictor(job.lm.model, job.device, job.precision, rep.log)
     counts = np.zeros(256, dtype=np.int64)
     outputs = []
     try:
         cls_out, prob_out = _open_outputs(out, prob, ds, job.lm.classes, job.lm.num_classes, outputs)
         inp = job.input
-        stats = stream_segmentation(reader.read, job.plan, predictor, job.lm.num_classes, inp["mean"], inp["std"],
-                                    job.batch, _row_writer(cls_out, prob_out, counts, job.lm.num_classes),
-                                    progress=lambda f: rep.progress(f, "segmenting"), prefetch=prefetch)
+        K = job.lm.num_classes
+        write = _row_writer(cls_out, prob_out, counts, K)
+        if grid is None:
+            stats = stream_segmentation(reader.read, job.plan, predictor, K, inp["mean"], inp["std"], job.batch, write,
+                                        progress=lambda f: rep.progress(f, "segmenting"), prefetch=prefetch)
+        else:
+            stats = _segment_resampled(job, reader, predictor, ds, input_path, out, grid, write, outputs, rep, prefetch)
         for o in outputs:  # all closed (a full disk fails here) before any is published: all or none
             o.close()
         for o in outputs:
@@ -109,8 +127,83 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         for o in outputs:
             o.discard()
         raise
-    stats.update(precision=predictor.precision.name, precision_agreement=predictor.run.agreement)
-    return _result(job, out, prob, counts, stats, rep, t_start)
+    stats.update(precision=predictor.precision.name, precision_agreement=predictor.run.agreement,
+                 processing=_processing(grid, why))
+    return _result(job, ds, out, prob, counts, stats, rep, t_start)
+
+
+def _processing(grid, why: str) -> dict:
+    """The result's ``processing``: the grid the network ran on (None: the raster's own pixels) and why."""
+    if grid is None:
+        return {"resampled": False, "note": why}
+    return {"resampled": True, "gsd_m": round(grid.gsd_m, 6), "raster_gsd_m": round(grid.raster_gsd_m, 6),
+            "width": grid.width, "height": grid.height, "resampling": grid.resampling, "note": why}
+
+
+def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, write, outputs: list, rep,
+                       prefetch: bool) -> dict:
+    """Resolution-aware inference (:mod:`core.segment.resolution`). Pass 1 streams the windows over the
+    resampled view and writes their averaged logits (float32, K bands, NaN = no vote or nodata) to a
+    temporary GeoTIFF on the processing grid; pass 2 reads them back strip by strip, resampled bilinearly
+    onto the input's grid (GDAL, NaN excluded), and hands each strip to ``write`` with the input's own
+    nodata. Memory stays bounded by a strip in both passes; the temporary file is removed at the end."""
+    from osgeo import gdal
+
+    from core.geo.failures import reading
+    from core.geo.raster import GTIFF_OPTIONS, AtomicGeoTIFF, BandScaling, StripReader
+
+    K, inp, view = job.lm.num_classes, job.input, job.ds
+    logits = AtomicGeoTIFF(out.with_name(out.stem + "-logits.tif"), None, K, gdal.GDT_Float32,
+                           list(GTIFF_OPTIONS) + ["PREDICTOR=3"], size=(grid.width, grid.height),
+                           geotransform=view.GetGeoTransform(can_return_null=True), srs=view.GetSpatialRef())
+    outputs.append(_Scratch(logits))  # removed with the outputs on failure, and after pass 2
+    for k in range(K):
+        logits.band(k + 1).SetNoDataValue(float("nan"))
+
+    def keep_logits(y0: int, block: RowBlock) -> None:
+        lg = block.logits()
+        if block.valid is not None:
+            lg[:, ~torch.from_numpy(block.valid).to(lg.device)] = float("nan")
+        lg = lg.cpu().numpy()
+        for k in range(K):
+            logits.write(k + 1, lg[k], 0, y0)
+
+    stats = stream_segmentation(reader.read, job.plan, predictor, K, inp["mean"], inp["std"], job.batch, keep_logits,
+                                progress=lambda f: rep.progress(0.9 * f, "segmenting"), prefetch=prefetch)
+    logits.close()
+    W, H = ds.RasterXSize, ds.RasterYSize
+    back = gdal.Translate("", gdal.Open(logits.tmp), format="VRT", width=W, height=H, resampleAlg="bilinear")
+    native = StripReader(ds, job.bands, BandScaling(np.zeros(len(job.bands)), np.full(len(job.bands), 255.0),
+                                                    0.0, 255.0, True, []), name=input_path)
+    rows = max(1, min(H, (32 << 20) // max(1, 4 * K * W)))
+    for y0 in range(0, H, rows):
+        n = min(rows, H - y0)
+        with reading(logits.tmp, "temporary logit raster"):
+            lg = back.ReadAsArray(0, y0, W, n).reshape(K, n, W)
+        valid = native.read(y0, n)[1] if native.masked else None
+        finite = np.isfinite(lg).all(0)
+        acc = torch.from_numpy(np.where(finite, lg, 0.0).astype(np.float32))
+        write(y0, RowBlock(acc, torch.from_numpy(finite.astype(np.float32)), valid))
+        rep.progress(0.9 + 0.1 * (y0 + n) / H, "writing on the input's grid")
+    back = None
+    logits.discard()
+    return stats
+
+
+class _Scratch:
+    """A temporary GeoTIFF among a run's outputs: closed with them, never published, removed on failure."""
+
+    def __init__(self, tif):
+        self.tif = tif
+
+    def close(self) -> None:
+        pass
+
+    def publish(self) -> None:
+        self.tif.discard()
+
+    def discard(self) -> None:
+        self.tif.discard()
 
 
 def _limit_gdal_cache() -> None:
@@ -122,9 +215,10 @@ def _limit_gdal_cache() -> None:
         gdal.SetCacheMax(GDAL_CACHE_BYTES)
 
 
-def _log_job(job, input_path, masked: bool, rep) -> None:
-    ds, lm = job.ds, job.lm
-    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px, bands {job.bands}, "
+def _log_job(job, ds, input_path, masked: bool, rep) -> None:
+    lm, view = job.lm, job.ds
+    at = "" if view is ds else f" (processed at {view.RasterXSize} x {view.RasterYSize} px)"
+    rep.log(f"{input_path}: {ds.RasterXSize} x {ds.RasterYSize} px{at}, bands {job.bands}, "
             f"{job.plan.n_windows} windows of {job.window} px (stride {job.stride}), model {lm.path.name} "
             f"({lm.header['architecture']['backbone']}, {lm.num_classes} classes) on {job.device}, "
             f"{job.batch} windows per batch, {job.precision.reason}" + (", nodata masked" if masked else ""))
@@ -184,12 +278,12 @@ def _row_writer(cls_out, prob_out, counts: np.ndarray, K: int):
     return on_rows
 
 
-def _result(job, out: Path, prob: Optional[Path], counts: np.ndarray, stats: dict, rep, t_start: float) -> dict:
+def _result(job, ds, out: Path, prob: Optional[Path], counts: np.ndarray, stats: dict, rep, t_start: float) -> dict:
     """The JSON-able result of :func:`segment_raster` (class areas logged when they have a note); timed
     from ``t_start`` (``time.perf_counter()``)."""
     from core.geo.raster import crs_label
 
-    ds, lm = job.ds, job.lm
+    lm = job.lm
     areas, area_note = class_areas(ds, counts, lm.classes)
     if area_note:
         rep.log("areas: " + area_note)

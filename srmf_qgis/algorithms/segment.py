@@ -15,7 +15,7 @@ from qgis.PyQt.QtCore import QVariant
 
 from .. import runtime, styling
 from ..layers import raster_source
-from .base import ScaledFeedback, SRMFAlgorithm, absolute, advanced
+from .base import ScaledFeedback, SRMFAlgorithm, _is_null, absolute, advanced
 
 HELP = """<p>Classifies every pixel of a raster layer with an SRMF model (semantic segmentation), on a
 CUDA GPU when there is one, else on the CPU. The model runs in its own Python process: QGIS stays
@@ -27,7 +27,11 @@ are stretched from their 2-98 % percentiles; the log says how.</p>
 <p><b>Model</b>: an SRMF model file (.srmf); blank = the model embedded in the plugin.</p>
 <p><b>Tile size</b> and <b>stride</b>: the sliding window in pixels (blank = the model's, 512 and 341:
 tiles overlap by a third and their predictions are averaged). <b>Batch size</b>: tiles per step
-(larger is faster on a GPU and needs more memory). <b>Precision</b> (advanced): automatic runs the decode
+(larger is faster on a GPU and needs more memory). <b>Processing resolution</b>: the ground size of
+a pixel the model sees, in metres. Blank = automatic: when the raster's pixels are more than 1.5 times
+finer or coarser than the model's training imagery (0.8 m for the embedded model), each strip is
+resampled to the model's scale as it is read and the classes are resampled back, so the classified
+raster is still on the input's own grid; 0 = the raster's own pixels. <b>Precision</b> (advanced): automatic runs the decode
 head in bf16 where the CPU or GPU does so natively, after checking the first batch against float32;
 float32 is exact; bf16 forces it (an error where it is not native).</p>
 <p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
@@ -63,6 +67,10 @@ class SegmentAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             "STRIDE", self.tr("Stride, pixels [blank: the model's, 341]"),
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=8192))
+        self.addParameter(QgsProcessingParameterNumber(
+            "RESOLUTION", self.tr("Processing resolution, metres per pixel [blank: automatic, the model's own when "
+                                  "the raster's pixels are more than 1.5x off it; 0: the raster's own pixels]"),
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=10000.0))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "BATCH_SIZE", self.tr("Batch size (tiles per step) [blank: automatic]"),
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)))
@@ -148,9 +156,18 @@ class SegmentAlgorithm(SRMFAlgorithm):
                 args += [flag, str(value)]
         if bands:
             args += ["--bands", ",".join(str(b) for b in bands)]
+        args += ["--resolution", self._resolution_arg(parameters, context)]
         if probabilities:
             args += ["--probabilities", probabilities]
         return args
+
+    def _resolution_arg(self, parameters, context) -> str:
+        """``--resolution`` of the RESOLUTION parameter: blank = auto, 0 = native, else metres."""
+        value = parameters.get("RESOLUTION")
+        if value is None or (isinstance(value, str) and not value.strip()) or _is_null(value):
+            return "auto"
+        metres = self.parameterAsDouble(parameters, "RESOLUTION", context)
+        return "native" if metres <= 0 else repr(float(metres))
 
     @staticmethod
     def _style(output: str, classes, layer_name: str, context, feedback) -> None:

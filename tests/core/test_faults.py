@@ -233,7 +233,6 @@ def test_a_killed_runs_partial_file_is_removed_by_the_next_run_but_a_live_writer
 
 
 # -- GDAL failures during a run, outputs the input reads, invalid polygons (issue 13, part 5) --------------
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 

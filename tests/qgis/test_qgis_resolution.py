@@ -1,0 +1,51 @@
+"""RESOLUTION of srmf:segment: the engine's ``--resolution auto|native|METRES`` (blank = auto, 0 = native).
+The command lines are taken from the feedback as the algorithm starts the engine (the worker itself is not
+started); one real run on the 10 cm NEON scene checks that the automatic choice reaches the engine and
+that the classified raster is on the input's grid."""
+from __future__ import annotations
+
+import pytest
+from osgeo import gdal
+from srmf_qgis_testing import OSBS, make_feedback, run_alg
+from qgis.core import QgsApplication, QgsProcessingException
+
+from srmf_qgis import runtime
+
+NOT_STARTED = "engine not started by the test"
+
+
+@pytest.fixture
+def engine_not_started(monkeypatch):
+    def refuse(py, argv):
+        raise runtime.EngineError(NOT_STARTED)
+
+    monkeypatch.setattr(runtime, "_start_worker", refuse)
+
+
+def test_resolution_is_an_optional_number_of_metres(provider):
+    p = QgsApplication.processingRegistry().algorithmById("srmf:segment").parameterDefinition("RESOLUTION")
+    assert p is not None and p.type() == "number" and p.minimum() == 0.0
+    assert "Processing resolution, metres per pixel" in p.description() and "0: the raster's own pixels" in \
+        p.description()
+
+
+@pytest.mark.parametrize("value,expected", [(None, "--resolution auto"), (0, "--resolution native"),
+                                            (0.8, "--resolution 0.8"), (2, "--resolution 2.0")])
+def test_the_resolution_reaches_the_engine_command_line(provider, engine_not_started, tmp_path, value, expected):
+    params = {"INPUT": str(OSBS), "OUTPUT": str(tmp_path / "o.tif"), "OUTPUT_AREAS": None}
+    if value is not None:
+        params["RESOLUTION"] = value
+    fb = make_feedback()
+    with pytest.raises(QgsProcessingException, match=NOT_STARTED):
+        run_alg("srmf:segment", params, fb)
+    assert expected in fb.commands[0]
+
+
+def test_automatic_resolution_segments_a_10_cm_scene_at_the_models_scale_on_its_own_grid(provider, tmp_path):
+    out = tmp_path / "classes.tif"
+    fb = make_feedback()
+    run_alg("srmf:segment", {"INPUT": str(OSBS), "OUTPUT": str(out), "OUTPUT_AREAS": None, "PRECISION": 1}, fb)
+    src, dst = gdal.Open(str(OSBS)), gdal.Open(str(out))
+    assert (dst.RasterXSize, dst.RasterYSize) == (src.RasterXSize, src.RasterYSize)
+    assert dst.GetGeoTransform() == src.GetGeoTransform()
+    assert any("processing at 0.8 m (the raster's pixels are 0.1 m)" in i for i in fb.infos), fb.infos
