@@ -94,11 +94,13 @@ deploy: install
 # Benchmarks (print figures; never timed tests). bench.speed: today's execution against the new one side by
 # side (same model, a 4096² VRT of real tiles, one run) and the peak-RSS sweep 2048²/4096²/8192²;
 # bench.segment: end-to-end against the raw network per backbone; bench.resolution: native against auto
-# processing resolution on the labelled real images. Results in bench-output/.
+# processing resolution on the labelled real images; bench.tta: --tta against plain on Dubai tile 3.
+# Results in bench-output/.
 bench: install
 	$(PY) -m bench.speed --out-dir bench-output
 	$(PY) -m bench.segment
 	$(PY) -m bench.resolution --json bench-output/resolution.json
+	$(PY) -m bench.tta --json bench-output/tta.json
 
 # The GPU check (bench/gpu_check.py, ~10 min on one GPU): segment on CUDA against the CPU's fp32 classes
 # (passes at >= 99.5 % identical pixels), bench.segment on CUDA, 200 fine-tune iterations on the Dubai

@@ -49,14 +49,40 @@ class WindowPredictor(NetworkRunner):
     float32 (B, K, window, window) on the compute device.
 
     Args: as :class:`core.execution.NetworkRunner`; ``precision`` defaults to float32, the exact path (a
-        guarded ``auto`` predictor runs its first call in float32 and later ones in bf16).
+        guarded ``auto`` predictor runs its first call in float32 and later ones in bf16). ``tta``:
+        test-time augmentation — each window is also run flipped and rotated (:data:`TTA_TRANSFORMS`, the
+        8 symmetries of the square) and the full-resolution logits, mapped back, are averaged (8 times the
+        forward passes).
     """
+
+    def __init__(self, model, device, precision="fp32", log=None, tta: bool = False):
+        super().__init__(model, device, precision, log)
+        self.tta = bool(tta)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         batch = self._input(batch)
-        logits = self.run(lambda: self.model(batch).float(), lambda out: out.argmax(1))
-        return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+        if not self.tta:
+            logits = self.run(lambda: self.model(batch).float(), lambda out: out.argmax(1))
+            return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+        return self.run(lambda: self._augmented(batch), lambda out: out.argmax(1))
+
+    def _augmented(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean of the full-resolution logits over :data:`TTA_TRANSFORMS` (each undone before averaging)."""
+        total = None
+        for k, flip in TTA_TRANSFORMS:
+            x = torch.rot90(batch, k, dims=(2, 3))
+            x = torch.flip(x, dims=(3,)) if flip else x
+            out = F.interpolate(self.model(x).float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out = torch.flip(out, dims=(3,)) if flip else out
+            out = torch.rot90(out, -k, dims=(2, 3))
+            total = out if total is None else total.add_(out)
+        return total / len(TTA_TRANSFORMS)
+
+
+TTA_TRANSFORMS = [(k, flip) for flip in (False, True) for k in range(4)]
+"""Test-time augmentation: ``(quarter turns, horizontal flip)`` — the dihedral group of the square, the
+identity first. Windows are square (a raster smaller than a window is padded), so rotations keep the shape."""
 
 
 def normalise(data: np.ndarray, valid: Optional[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

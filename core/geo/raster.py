@@ -18,6 +18,8 @@ from core.geo.failures import checked_close, discarding, reading, writing
 gdal.UseExceptions()
 
 NODATA_CLASS = 255
+PALETTE_EXPANDED = "SRMF_PALETTE_EXPANDED"
+"""Metadata item on the virtual RGB dataset :func:`expand_palette` returns (its pixels are a colour table's)."""
 _COLOUR_INTERP = {"red": gdal.GCI_RedBand, "green": gdal.GCI_GreenBand, "blue": gdal.GCI_BlueBand}
 
 
@@ -63,6 +65,7 @@ def expand_palette(ds: gdal.Dataset, path, log=None) -> gdal.Dataset:
         raise InputError(f"{path}: band 1 holds palette indices with a {kind} colour table, not RGB; convert it to "
                          "RGB first (e.g. gdal_translate -expand rgb)")
     expanded = gdal.Translate("", ds, format="VRT", rgbExpand="rgba" if _palette_has_alpha(table) else "rgb")
+    expanded.SetMetadataItem(PALETTE_EXPANDED, "YES")  # resampling must not average its indices
     if log:
         log(f"{path}: band 1 holds palette indices ({table.GetCount()} colours); expanded through its colour "
             "table to red, green, blue", "warning")

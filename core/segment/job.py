@@ -57,7 +57,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                    stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
                    reporter=None, prefetch: bool = True, precision: str = "auto", resolution="auto",
-                   pixel_size: Optional[float] = None) -> dict:
+                   pixel_size: Optional[float] = None, tta: bool = False) -> dict:
     """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
 
     Args:
@@ -73,6 +73,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         resolution: ``auto`` (process at the model's GSD when the raster's pixels are more than 1.5x off
             it), ``native`` or a processing GSD in metres (:mod:`core.segment.resolution`); the output is
             always on the input's grid. pixel_size: metres, for a raster without georeferencing.
+        tta: test-time augmentation (flips and quarter turns of every window, logits averaged; 8 times
+            the compute).
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -81,7 +83,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         InputError / ModelFileError: bad input, named; nothing is left under the output names.
     """
     from core.protocol import Reporter
-    from core.geo.raster import check_not_read, open_image, pixel_size_m, resolution_warning
+    from core.geo.raster import check_not_read, open_image
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -95,18 +97,12 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
-    grid, why = processing_grid(ds, resolution, job.lm.header.get("gsd_m"), pixel_size)
-    rep.log(why)
-    if grid is not None:  # the network runs on a resampled view; the outputs stay on the input's grid
-        job = dataclasses.replace(job, ds=resampled_view(ds, grid),
-                                  plan=SlidePlan(grid.height, grid.width, job.window, job.stride))
-    else:
-        gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
-        if gsd_note:
-            rep.log(gsd_note, "warning")
+    job, grid, why = _at_resolution(job, ds, resolution, pixel_size, rep)
     reader = job.strip_reader(rep)
     _log_job(job, ds, input_path, reader.masked, rep)
-    predictor = WindowPredictor(job.lm.model, job.device, job.precision, rep.log)
+    predictor = WindowPredictor(job.lm.model, job.device, job.precision, rep.log, tta=tta)
+    if tta:
+        rep.log("test-time augmentation: every window also flipped and turned (8 views, logits averaged)")
     counts = np.zeros(256, dtype=np.int64)
     outputs = []
     try:
@@ -127,9 +123,26 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         for o in outputs:
             o.discard()
         raise
-    stats.update(precision=predictor.precision.name, precision_agreement=predictor.run.agreement,
+    stats.update(precision=predictor.precision.name, precision_agreement=predictor.run.agreement, tta=bool(tta),
                  processing=_processing(grid, why))
     return _result(job, ds, out, prob, counts, stats, rep, t_start)
+
+
+def _at_resolution(job, ds, resolution, pixel_size, rep):
+    """The job on the grid ``--resolution`` asks for (:func:`~core.segment.resolution.processing_grid`):
+    ``(job, grid, why)``; with a grid the network runs on a resampled view (the outputs stay on the input's
+    grid), without one on the raster's pixels, with a warning when they are far off the model's GSD."""
+    from core.geo.raster import pixel_size_m, resolution_warning
+
+    grid, why = processing_grid(ds, resolution, job.lm.header.get("gsd_m"), pixel_size)
+    rep.log(why)
+    if grid is not None:
+        return (dataclasses.replace(job, ds=resampled_view(ds, grid),
+                                    plan=SlidePlan(grid.height, grid.width, job.window, job.stride)), grid, why)
+    gsd_note = resolution_warning(pixel_size_m(ds), job.lm.header.get("gsd_m"))
+    if gsd_note:
+        rep.log(gsd_note, "warning")
+    return job, None, why
 
 
 def _processing(grid, why: str) -> dict:
@@ -145,8 +158,9 @@ def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, 
     """Resolution-aware inference (:mod:`core.segment.resolution`). Pass 1 streams the windows over the
     resampled view and writes their averaged logits (float32, K bands, NaN = no vote or nodata) to a
     temporary GeoTIFF on the processing grid; pass 2 reads them back strip by strip, resampled bilinearly
-    onto the input's grid (GDAL, NaN excluded), and hands each strip to ``write`` with the input's own
-    nodata. Memory stays bounded by a strip in both passes; the temporary file is removed at the end."""
+    onto the input's grid (GDAL), and hands each strip to ``write`` with the input's own nodata; a valid
+    pixel whose bilinear kernel touches a nodata logit takes its nearest processing pixel's logits instead
+    (nodata only when that one is nodata too). Memory stays bounded by a strip in both passes; the temporary file is removed at the end."""
     from osgeo import gdal
 
     from core.geo.failures import reading
@@ -172,7 +186,9 @@ def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, 
                                 progress=lambda f: rep.progress(0.9 * f, "segmenting"), prefetch=prefetch)
     logits.close()
     W, H = ds.RasterXSize, ds.RasterYSize
-    back = gdal.Translate("", gdal.Open(logits.tmp), format="VRT", width=W, height=H, resampleAlg="bilinear")
+    src = gdal.Open(logits.tmp)
+    back = gdal.Translate("", src, format="VRT", width=W, height=H, resampleAlg="bilinear")
+    near = gdal.Translate("", src, format="VRT", width=W, height=H, resampleAlg="nearest")
     native = StripReader(ds, job.bands, BandScaling(np.zeros(len(job.bands)), np.full(len(job.bands), 255.0),
                                                     0.0, 255.0, True, []), name=input_path)
     rows = max(1, min(H, (32 << 20) // max(1, 4 * K * W)))
@@ -182,10 +198,15 @@ def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, 
             lg = back.ReadAsArray(0, y0, W, n).reshape(K, n, W)
         valid = native.read(y0, n)[1] if native.masked else None
         finite = np.isfinite(lg).all(0)
+        gap = ~finite if valid is None else (~finite & valid)
+        if gap.any():  # valid here, but the bilinear kernel met a nodata neighbour: the pixel's own logits
+            with reading(logits.tmp, "temporary logit raster"):
+                lg[:, gap] = near.ReadAsArray(0, y0, W, n).reshape(K, n, W)[:, gap]
+            finite = np.isfinite(lg).all(0)
         acc = torch.from_numpy(np.where(finite, lg, 0.0).astype(np.float32))
         write(y0, RowBlock(acc, torch.from_numpy(finite.astype(np.float32)), valid))
         rep.progress(0.9 + 0.1 * (y0 + n) / H, "writing on the input's grid")
-    back = None
+    back = near = src = None
     logits.discard()
     return stats
 

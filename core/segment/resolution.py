@@ -152,8 +152,21 @@ def processing_grid(ds, resolution, model_gsd_m: Optional[float], pixel_size: Op
 def resampled_view(ds, grid: ProcessingGrid):
     """A virtual dataset (GDAL VRT in memory, no copy) of ``ds`` on ``grid``: the same extent, CRS and
     bands, ``grid.width`` x ``grid.height`` pixels, read through ``grid.resampling`` (nodata and mask bands
-    are honoured by GDAL's resampling: nodata pixels do not enter an average)."""
+    are honoured by GDAL's resampling: nodata pixels do not enter an average).
+
+    A paletted raster expanded to RGB (:func:`core.geo.raster.expand_palette`) would have its palette
+    *indices* averaged by a resampling VRT (GDAL resamples a source before its colour table is applied):
+    it is warped instead (the warper reads the expanded colours at full resolution and averages those),
+    or, without georeferencing, read nearest-neighbour (an index is picked, never averaged).
+    """
     from osgeo import gdal
 
+    from core.geo.raster import PALETTE_EXPANDED
+
+    if ds.GetMetadataItem(PALETTE_EXPANDED) == "YES":
+        if ds.GetGeoTransform(can_return_null=True) is not None:
+            return gdal.Warp("", ds, format="VRT", width=grid.width, height=grid.height,
+                             resampleAlg=grid.resampling, multithread=False)
+        return gdal.Translate("", ds, format="VRT", width=grid.width, height=grid.height, resampleAlg="nearest")
     return gdal.Translate("", ds, format="VRT", width=grid.width, height=grid.height,
                           resampleAlg=grid.resampling)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qgis.core import (QgsExpression, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
                        QgsProcessingException, QgsProcessingOutputString, QgsProcessingParameterBand,
+                       QgsProcessingParameterBoolean,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterVectorDestination,
@@ -31,7 +32,9 @@ tiles overlap by a third and their predictions are averaged). <b>Batch size</b>:
 a pixel the model sees, in metres. Blank = automatic: when the raster's pixels are more than 1.5 times
 finer or coarser than the model's training imagery (0.8 m for the embedded model), each strip is
 resampled to the model's scale as it is read and the classes are resampled back, so the classified
-raster is still on the input's own grid; 0 = the raster's own pixels. <b>Precision</b> (advanced): automatic runs the decode
+raster is still on the input's own grid; 0 = the raster's own pixels. <b>Test-time augmentation</b>
+(advanced): every tile is also run flipped and turned and the predictions averaged, 8 times the time.
+<b>Precision</b> (advanced): automatic runs the decode
 head in bf16 where the CPU or GPU does so natively, after checking the first batch against float32;
 float32 is exact; bf16 forces it (an error where it is not native).</p>
 <p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
@@ -74,6 +77,9 @@ class SegmentAlgorithm(SRMFAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "BATCH_SIZE", self.tr("Batch size (tiles per step) [blank: automatic]"),
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean(
+            "TTA", self.tr("Test-time augmentation (each tile also flipped and turned; 8 times slower)"),
+            defaultValue=False)))
         self.add_device_parameters()
         self.add_precision_parameter()
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Classified raster")))
@@ -157,6 +163,8 @@ class SegmentAlgorithm(SRMFAlgorithm):
         if bands:
             args += ["--bands", ",".join(str(b) for b in bands)]
         args += ["--resolution", self._resolution_arg(parameters, context)]
+        if self.parameterAsBool(parameters, "TTA", context):
+            args += ["--tta"]
         if probabilities:
             args += ["--probabilities", probabilities]
         return args

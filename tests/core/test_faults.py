@@ -15,9 +15,11 @@ from core.protocol import Reporter
 from core.segment.job import segment_raster
 
 
-def _segment(src, out, log):
+def _segment(src, out, log, resolution="native"):
+    """The default model on ``src``; at the raster's own pixels unless ``resolution`` says otherwise (these
+    tests are about pixel values; the resampled path is checked where it changes the answer)."""
     return segment_raster(src, out, None, device="cpu", precision="fp32", overwrite=True,
-                          reporter=Reporter(json_mode=True, stream=log))
+                          reporter=Reporter(json_mode=True, stream=log), resolution=resolution)
 
 
 def _messages(log) -> list:
@@ -61,6 +63,12 @@ def test_nan_and_inf_in_a_float_raster_without_nodata_are_nodata(tmp_path):
     assert (a[~nonfinite] == b[~nonfinite]).mean() > 0.9
     assert (a[:200, :] == b[:200, :]).mean() > 0.97  # rows far from the hole
     assert any("NaN and ±inf pixels are nodata" in m for m in _messages(log))
+    # at the model's 0.8 m (Adelaide is ~0.46 m): the holes are nodata too; a processing pixel that averages
+    # a NaN or inf is nodata, so the nodata grows by at most about one processing pixel around them
+    res = _segment(bad, tmp_path / "nan_auto.tif", io.StringIO(), resolution="auto")
+    c = _classes(tmp_path / "nan_auto.tif")
+    assert res["processing"]["resampled"] and (c[nonfinite] == 255).all()
+    assert nonfinite.sum() <= res["nodata_pixels"] <= 1.2 * nonfinite.sum()
 
 
 def _paletted(tmp_path):
@@ -89,6 +97,11 @@ def test_a_paletted_raster_is_segmented_through_its_colour_table(tmp_path):
     _segment(rgb, tmp_path / "rgb_classes.tif", io.StringIO())
     assert np.array_equal(_classes(tmp_path / "p_classes.tif"), _classes(tmp_path / "rgb_classes.tif"))
     assert any("palette indices (256 colours); expanded through its colour table" in m for m in _messages(log))
+    # resampled to the model's GSD: the colours are averaged, never the palette indices (GDAL would average
+    # the indices in a resampling VRT; core.segment.resolution warps a paletted raster instead)
+    _segment(paletted, tmp_path / "p_auto.tif", io.StringIO(), resolution="auto")
+    _segment(rgb, tmp_path / "rgb_auto.tif", io.StringIO(), resolution="auto")
+    assert (_classes(tmp_path / "p_auto.tif") == _classes(tmp_path / "rgb_auto.tif")).mean() > 0.99
     assert res["bands"] == [1, 2, 3]
     out = gdal.Open(res["output"])
     assert out.GetGeoTransform() == gdal.Open(str(ADELAIDE)).GetGeoTransform()

@@ -132,3 +132,41 @@ def test_a_bad_resolution_is_refused_naming_the_parameter(text):
 def test_parse_resolution():
     assert parse_resolution("AUTO") == "auto" and parse_resolution("native") == "native"
     assert parse_resolution("0.5") == 0.5 and parse_resolution("2m") == 2.0 and parse_resolution(None) == "auto"
+
+
+# -- test-time augmentation (issue 12, part 3) ---------------------------------------------------------------
+def test_tta_averages_the_eight_symmetries_so_a_turned_window_gives_turned_logits(random_model):
+    """The group average is equivariant: logits of a window turned by a quarter (or mirrored) are the turned
+    (mirrored) logits of the window — which fails if a view is not mapped back exactly. Without TTA the
+    random network is not equivariant (checked, so the property is not trivially true)."""
+    from core.windows import TTA_TRANSFORMS
+
+    torch.manual_seed(0)
+    lm = load_model(random_model)
+    image = gdal.Open(str(ADELAIDE)).ReadAsArray()[:, :128, :128].astype(np.float32)
+    mean, std = np.array(lm.header["input"]["mean"]), np.array(lm.header["input"]["std"])
+    x = torch.from_numpy((image - mean[:, None, None]) / std[:, None, None]).float()[None]
+    plain = WindowPredictor(lm.model, torch.device("cpu"), "fp32")
+    tta = WindowPredictor(lm.model, torch.device("cpu"), "fp32", tta=True)
+    assert len(TTA_TRANSFORMS) == 8 and TTA_TRANSFORMS[0] == (0, False)
+    turned = torch.rot90(x, 1, dims=(2, 3))
+    mirrored = torch.flip(x, dims=(3,))
+    ref = tta(x)
+    assert torch.allclose(tta(turned), torch.rot90(ref, 1, dims=(2, 3)), atol=1e-4)
+    assert torch.allclose(tta(mirrored), torch.flip(ref, dims=(3,)), atol=1e-4)
+    assert not torch.allclose(plain(turned), torch.rot90(plain(x), 1, dims=(2, 3)), atol=1e-2)
+    views = []  # each view's logits mapped back by hand: TTA is their plain mean
+    for k, flip in TTA_TRANSFORMS:
+        v = torch.rot90(x, k, dims=(2, 3))
+        out = plain(torch.flip(v, dims=(3,)) if flip else v)
+        views.append(torch.rot90(torch.flip(out, dims=(3,)) if flip else out, -k, dims=(2, 3)))
+    assert torch.allclose(ref, torch.stack(views).mean(0), atol=1e-5)
+
+
+def test_segment_with_tta_writes_the_map_and_says_so(tmp_path, random_model):
+    out = tmp_path / "classes.tif"
+    log = io.StringIO()
+    res = segment_raster(OSBS, out, random_model, window=128, stride=85, device="cpu", precision="fp32", tta=True,
+                         reporter=Reporter(json_mode=True, stream=log))
+    assert res["tta"] is True and read_band(out).shape == (400, 400)
+    assert any("test-time augmentation" in json.loads(ln).get("message", "") for ln in log.getvalue().splitlines())

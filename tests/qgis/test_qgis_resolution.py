@@ -49,3 +49,18 @@ def test_automatic_resolution_segments_a_10_cm_scene_at_the_models_scale_on_its_
     assert (dst.RasterXSize, dst.RasterYSize) == (src.RasterXSize, src.RasterYSize)
     assert dst.GetGeoTransform() == src.GetGeoTransform()
     assert any("processing at 0.8 m (the raster's pixels are 0.1 m)" in i for i in fb.infos), fb.infos
+
+
+def test_test_time_augmentation_is_an_advanced_switch_that_reaches_the_engine(provider, engine_not_started,
+                                                                             tmp_path):
+    from qgis.core import QgsProcessingParameterDefinition
+
+    p = QgsApplication.processingRegistry().algorithmById("srmf:segment").parameterDefinition("TTA")
+    assert p.type() == "boolean" and p.defaultValue() is False
+    assert p.flags() & QgsProcessingParameterDefinition.FlagAdvanced
+    for value in (False, True):
+        fb = make_feedback()
+        with pytest.raises(QgsProcessingException, match=NOT_STARTED):
+            run_alg("srmf:segment", {"INPUT": str(OSBS), "OUTPUT": str(tmp_path / "o.tif"), "OUTPUT_AREAS": None,
+                                     "TTA": value}, fb)
+        assert ("--tta" in fb.commands[0]) is value
