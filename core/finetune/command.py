@@ -48,6 +48,8 @@ def add_finetune_arguments(p) -> None:
                    help="per-class memory queue of earlier anchors, for small batches (0 = none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default=D.precision, help="auto (bf16 autocast where native), fp32 or bf16")
+    p.add_argument("--augment", default=D.augment,
+                   help="flip (flips), d4 (+ quarter turns) or photometric (+ colour, gain, gamma, blur jitter)")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output model")
@@ -132,7 +134,8 @@ def config_from_args(args) -> TrainConfig:
                        contrastive_weight=args.contrastive_weight,
                        contrastive_temperature=args.contrastive_temperature,
                        contrastive_anchors=args.contrastive_anchors, contrastive_queue=args.contrastive_queue,
-                       precision=getattr(args, "precision", TrainConfig.precision))
+                       precision=getattr(args, "precision", TrainConfig.precision),
+                       augment=getattr(args, "augment", TrainConfig.augment))
 
 
 def _class_table(path: Optional[str], lm):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 from core.errors import InputError
+from core.finetune.augment import AUGMENTS
 
 VAL_SHARE = 0.2  # default share of the labelled pixels held out for validation (finetune(), --val-share)
 
@@ -26,6 +27,7 @@ class TrainConfig:
     checkpoint_interval: int = 200
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (core.execution; autocast, the weights stay float32)
+    augment: str = "flip"  # flip | d4 | photometric (core.finetune.augment)
     mars: bool = True
     srr: bool = True
     srr_k: int = 4
@@ -59,6 +61,8 @@ class TrainConfig:
             raise InputError(f"--batch-size ({self.batch_size}) must be a multiple of --accumulate ({self.accumulate})")
         if str(self.precision).strip().lower() not in ("auto", "fp32", "bf16"):
             raise InputError(f"--precision must be one of auto, fp32, bf16 (got {self.precision!r})")
+        if self.augment not in AUGMENTS:
+            raise InputError(f"--augment must be one of {', '.join(AUGMENTS)} (got {self.augment!r})")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive (got {self.lr})")
         if not self.contrastive_weight >= 0:

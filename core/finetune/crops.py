@@ -23,6 +23,7 @@ class Sample:
         scale: the window's side / crop (1 for native-resolution crops; < k when a context window was
             shrunk to fit the image).
         flip_h / flip_v: horizontal / vertical flip applied (jointly to image and label) after cropping.
+        turns: quarter turns counter-clockwise applied after the flips (``--augment d4``/``photometric``).
         source: the image's name; note: e.g. why a window is smaller than asked.
     """
 
@@ -33,6 +34,7 @@ class Sample:
     scale: float = 1.0
     flip_h: bool = False
     flip_v: bool = False
+    turns: int = 0
     source: str = ""
     note: str = ""
 

@@ -274,7 +274,7 @@ def _sampler(train_imgs: Sequence, num_classes: int, config):
 
     return SampleBatcher(TrainingSampler(train_imgs, num_classes, crop=config.crop, seed=config.seed,
                                          mars=config.mars, srr=config.srr, srr_k=config.srr_k,
-                                         cache_dir=region_cache_dir()))
+                                         cache_dir=region_cache_dir(), augment=config.augment))
 
 
 def _provenance(config, *, architecture, base_name: str, training_data: List[str], split_note: str, val_imgs,

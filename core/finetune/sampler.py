@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Iterator, List, Optional, Sequence
 import numpy as np
 from core.errors import InputError
+from core.finetune.augment import AUGMENTS, augment_sample
 from core.finetune.crops import IGNORE, Sample, random_crop, random_flip
 from core.finetune.mars import mars_samples
 from core.finetune.srrta import RegionIndex, RegionMiner, mine_regions, srr_crops
@@ -61,7 +62,7 @@ class TrainingSampler:
                  scales: Sequence[int] = (2, 3, 4), srr: bool = True, srr_k: int = 4,
                  regions: Optional[RegionIndex] = None, cache_dir=None, miner: Optional[RegionMiner] = None,
                  flips: bool = True, max_tries: int = 16, max_share: float = 0.75, pad_value: float = 0.0,
-                 random_crops: int = 1, antialias: bool = True):
+                 random_crops: int = 1, antialias: bool = True, augment: str = "flip"):
         if crop < 1:
             raise InputError(f"crop must be a positive number of pixels, got {crop}")
         if any(int(k) < 1 for k in scales):
@@ -82,6 +83,9 @@ class TrainingSampler:
         self.srr, self.srr_k = bool(srr), int(srr_k)
         self.flips, self.max_tries, self.max_share = bool(flips), int(max_tries), float(max_share)
         self.pad_value, self.random_crops, self.antialias = float(pad_value), int(random_crops), bool(antialias)
+        if augment not in AUGMENTS:
+            raise InputError(f"--augment must be one of {', '.join(AUGMENTS)} (got {augment!r})")
+        self.augment = augment
         self.regions: Optional[RegionIndex] = None
         if self.srr:
             if regions is None:
@@ -117,6 +121,9 @@ class TrainingSampler:
         if self.srr and self.srr_k > 0:
             out.extend(srr_crops(im.image, im.label, self.regions.top(index, self.srr_k), self.srr_k, rng, self.crop,
                                  flips=self.flips, pad_value=self.pad_value, source=name))
+        if self.augment != "flip":
+            for s in out:
+                augment_sample(s, rng, self.augment)
         return out
 
     def epoch_order(self, epoch: int) -> np.ndarray:

@@ -1,0 +1,151 @@
+"""Leave-one-tile-out cross-validation of training recipes on the shared Dubai tiles (issue 12, part 2).
+
+``python -m bench.cv [--folds tile_1,tile_2,tile_3] [--recipes flip,d4,photometric] [--seeds 0,1,2]
+[--iterations 800] [--out cv-output]``: for every (seed, fold, recipe), trains the default model's
+architecture (EfficientNet-Lite0 ImageNet + MiniLM text bank, SRMF: MARS + SRR-TA) from ImageNet on all
+Dubai tiles but the fold's, at the same budget, and validates on the whole held-out tile — never random
+pixels of the training images. The figure of a run is its **last** validation (the budget is fixed in
+advance; choosing the best iteration on the held-out tile would flatter it); the curve is kept.
+
+Every run is appended to ``<out>/runs.jsonl`` as soon as it ends (losers included) and a run already
+there is skipped, so the grid can be stopped and continued (``nohup python -m bench.cv ... &``).
+``--report`` prints, per recipe, the mean ± sd of the held-out mIoU over folds and seeds, per-class
+means, and the paired difference to the first recipe (same fold and seed) with a 95 % t interval.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+TILES = ["tile_1", "tile_2", "tile_3", "tile_5", "tile_6", "tile_7", "tile_8"]
+RECIPES = {
+    "flip": dict(augment="flip"),
+    "d4": dict(augment="d4"),
+    "photometric": dict(augment="photometric"),
+    "plain-head": dict(augment="flip", mars=False, srr=False),
+}
+
+
+def _key(r) -> tuple:
+    return r["fold"], r["recipe"], r["seed"], r["iterations"]
+
+
+def _done(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return {_key(r): r for r in rows}
+
+
+def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, device: str) -> dict:
+    """Train one recipe with ``fold`` held out; returns the run's record (the last validation's figures)."""
+    from bench.recipes import _dubai, default_config, train_default
+    from core.protocol import Reporter
+
+    train = _dubai([t for t in TILES if t != fold])
+    val = _dubai([fold], exclude_bad=False)
+    over = dict(RECIPES[recipe])
+    text = over.pop("text_fusion", True)
+    config = default_config(iterations=iterations, eval_interval=max(1, iterations // 4),
+                            checkpoint_interval=max(1, iterations // 4), seed=seed, **over)
+    arch = {"backbone": "efficientnet_lite0", "text_fusion": text, "encoder_weights": "imagenet",
+            "text_encoder": "minilm", "gsd_m": 0.8}
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    res = _train(train, val, config, arch, out / f"{fold}-{recipe}-s{seed}.srmf", device, Reporter(json_mode=True,
+                                                                                                 stream=log))
+    curve = [json.loads(ln) for ln in log.getvalue().splitlines() if '"type": "metrics"' in ln and '"miou"' in ln]
+    last = curve[-1] if curve else {}
+    return {"fold": fold, "recipe": recipe, "seed": seed, "iterations": iterations,
+            "miou": last.get("miou"), "per_class_iou": last.get("per_class_iou"),
+            "curve": [(c.get("iteration"), c.get("miou")) for c in curve], "best_miou": res["metrics"]["miou"],
+            "best_iteration": res["best_iteration"], "train_images": len(train), "val_images": len(val),
+            "seconds": round(time.perf_counter() - t0, 1), "config": over}
+
+
+def _train(train, val, config, arch, output: Path, device: str, rep) -> dict:
+    from bench.recipes import _BaseStub
+    from core.classtable import dubai_class_table
+    from core.finetune.job import finetune
+    from core.model.modelfile import DEFAULT_INPUT
+
+    classes = [dict(c) for c in dubai_class_table().to_header()]
+    base = _BaseStub({"input": DEFAULT_INPUT, "classes": classes})
+    try:
+        return finetune(output, images=train, classes=classes, base_model=base, config=config, device=device,
+                        val_images=val, overwrite=True, reporter=rep, architecture=arch)
+    finally:
+        output.unlink(missing_ok=True)  # the figures are the product, not 15 MB per run
+
+
+def report(rows: list) -> str:
+    """Mean ± sd per recipe over (fold, seed), per-class means, and paired differences to the first recipe."""
+    import numpy as np
+
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    lines = ["| recipe | runs | held-out mIoU (mean ± sd) | " + " | ".join(_classes(rows)) + " | Δ vs "
+             f"{recipes[0]} (paired, 95 % CI) |", "|---|---:|---:|" + "---:|" * len(_classes(rows)) + "---:|"]
+    by = {(r["recipe"], r["fold"], r["seed"]): r for r in rows if r["miou"] is not None}
+    for rec in recipes:
+        mine = [r for r in rows if r["recipe"] == rec and r["miou"] is not None]
+        m = np.array([r["miou"] for r in mine])
+        per = [np.mean([r["per_class_iou"][c] for r in mine if r["per_class_iou"].get(c) is not None] or [np.nan])
+               for c in _classes(rows)]
+        pairs = [by[(rec, f, s)]["miou"] - by[(recipes[0], f, s)]["miou"] for (x, f, s) in by
+                 if x == rec and (recipes[0], f, s) in by]
+        lines.append(f"| {rec} | {len(m)} | {m.mean():.3f} ± {m.std(ddof=1) if len(m) > 1 else 0:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in per) + f" | {_paired(pairs) if rec != recipes[0] else '—'} |")
+    return "\n".join(lines)
+
+
+def _classes(rows) -> list:
+    return list(next(r["per_class_iou"] for r in rows if r.get("per_class_iou")))
+
+
+def _paired(diffs) -> str:
+    import numpy as np
+    from scipy import stats
+
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.3f} (n = 1)" if diffs else "n/a"
+    d = np.array(diffs)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] (n = {len(d)})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.cv", description=__doc__.splitlines()[0])
+    ap.add_argument("--folds", default="tile_1,tile_2,tile_3")
+    ap.add_argument("--recipes", default="flip,d4,photometric")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--iterations", type=int, default=800)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="cv-output")
+    ap.add_argument("--report", action="store_true", help="print the table of the runs so far and stop")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs.jsonl"
+    if args.report:
+        print(report(list(_done(runs).values())))
+        return 0
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for fold in args.folds.split(","):
+            for recipe in args.recipes.split(","):
+                if (fold, recipe, seed, args.iterations) in _done(runs):
+                    continue
+                row = run_one(fold, recipe, seed, args.iterations, out, args.device)
+                with runs.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps({k: row[k] for k in ("fold", "recipe", "seed", "miou", "seconds")}), flush=True)
+    print(report(list(_done(runs).values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
