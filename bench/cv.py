@@ -44,7 +44,7 @@ def _done(path: Path) -> dict:
 
 def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, device: str) -> dict:
     """Train one recipe with ``fold`` held out; returns the run's record (the last validation's figures)."""
-    from bench.recipes import _dubai, default_config, train_default
+    from bench.recipes import _dubai, default_config
     from core.protocol import Reporter
 
     train = _dubai([t for t in TILES if t != fold])
