@@ -26,6 +26,10 @@ from core.errors import InputError
 AUTO_FACTOR = 1.5
 """``auto`` resamples when the raster's pixel size and the model's GSD differ by more than this ratio."""
 
+MAX_ENLARGEMENT = 4.0
+"""The most a raster is enlarged per side for processing (16 times its pixels): a finer ``--resolution`` is
+refused before any work (it would only interpolate pixels, at 16+ times the time and temporary disk)."""
+
 _WGS84_A = 6378137.0
 _WGS84_E2 = 0.00669437999014
 
@@ -142,9 +146,10 @@ def processing_grid(ds, resolution, model_gsd_m: Optional[float], pixel_size: Op
     width, height = max(1, int(round(W / scale))), max(1, int(round(H / scale)))
     if (width, height) == (W, H):
         return None, f"processing the raster's own pixels ({raster_m:.3g} m is the asked-for resolution)"
-    if width * height > 4 * W * H * 16:
+    if 1.0 / scale > MAX_ENLARGEMENT:
         raise InputError(f"--resolution {target:g} m would enlarge the raster's {raster_m:.3g} m pixels "
-                         f"{scale ** -1:.1f}x per side; choose a coarser resolution or native")
+                         f"{1.0 / scale:.1f}x per side ({width} x {height} px); the limit is {MAX_ENLARGEMENT:g}x "
+                         "per side. Choose a coarser resolution, or native")
     grid = ProcessingGrid(width, height, target, raster_m, W / width)
     return grid, grid.describe(W, H)
 

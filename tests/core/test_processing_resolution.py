@@ -170,3 +170,23 @@ def test_segment_with_tta_writes_the_map_and_says_so(tmp_path, random_model):
                          reporter=Reporter(json_mode=True, stream=log))
     assert res["tta"] is True and read_band(out).shape == (400, 400)
     assert any("test-time augmentation" in json.loads(ln).get("message", "") for ln in log.getvalue().splitlines())
+
+
+def test_a_resolution_that_would_enlarge_past_the_limit_is_refused_before_any_work(tmp_path):
+    """--resolution 0.0001 on the 0.5 m SpaceNet scene: 5000x per side; refused (exit 2) naming the parameter
+    and the limit, before the model runs, and nothing is written."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, engine_env
+    from core.segment.resolution import MAX_ENLARGEMENT
+
+    out = tmp_path / "classes.tif"
+    proc = subprocess.run([sys.executable, "-m", "core", "segment", str(ATLANTA), str(out), "--resolution", "0.0001",
+                           "--json"], cwd=ROOT, env=engine_env(), capture_output=True, text=True, timeout=300)
+    err = [json.loads(ln) for ln in proc.stdout.splitlines() if '"type": "error"' in ln]
+    assert proc.returncode == 2 and err, proc.stdout[-2000:]
+    assert "--resolution 0.0001 m would enlarge" in err[0]["message"]
+    assert f"the limit is {MAX_ENLARGEMENT:g}x per side" in err[0]["message"]
+    assert "Traceback" not in proc.stdout + proc.stderr and list(tmp_path.iterdir()) == []
+    assert processing_grid(gdal.Open(str(ATLANTA)), 0.5 / MAX_ENLARGEMENT, None)[0] is not None  # the limit itself
