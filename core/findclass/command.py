@@ -34,6 +34,8 @@ def add_findclass_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto (bf16 where native and checked), fp32 or bf16")
     p.add_argument("--bands", default=None, help="1-based input bands in the model's order, e.g. 3,2,1")
+    p.add_argument("--extent", default=None, help="search only xmin,ymin,xmax,ymax[,CRS] (default CRS: the raster's)")
+    p.add_argument("--mask", default=None, help="search only inside these polygons (any CRS)")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the support sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
@@ -49,7 +51,8 @@ def run_findclass_command(args, rep) -> dict:
                      patch=args.patch, mode=args.mode, features=args.features, center=not args.no_center,
                      max_per_polygon=args.max_per_polygon, recall_target=args.recall_target,
                      window=args.window, stride=args.stride, batch_size=args.batch_size, device=args.device, precision=args.precision,
-                     bands=parse_bands(args.bands), seed=args.seed, overwrite=args.overwrite, reporter=rep)
+                     bands=parse_bands(args.bands), seed=args.seed, overwrite=args.overwrite, reporter=rep,
+                     extent=args.extent, mask=args.mask)
     c = res["clusters"]
     lines = [f"Wrote {res['relevance']} ({res['relevance_width']} x {res['relevance_height']} cells of {CELL} px, "
              f"{res['crs'] or 'no CRS'}) and {res['candidates']} ({res['candidates_written']} candidates) "

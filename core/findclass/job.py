@@ -166,7 +166,7 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
                recall_target: float = DEFAULTS["recall_target"], window: Optional[int] = None,
                stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                bands: Optional[Sequence[int]] = None, seed: int = 0, overwrite: bool = False,
-               reporter=None, prefetch: bool = True, precision: str = "auto") -> dict:
+               reporter=None, prefetch: bool = True, precision: str = "auto", extent=None, mask=None) -> dict:
     """Find where a new class occurs from a few example polygons (CAT, arXiv 2308.02844 Sec. 3).
 
     The steps (module docstring): support → centroids → calibration → scoring → ranking → publishing.
@@ -182,7 +182,9 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
             ``"fused"`` (G, 256), ``"embedding"`` (P, text-aligned) or ``"both"``. center: subtract the
             background mean feature before the cosine. max_per_polygon: support cells per polygon.
             recall_target: of the leave-one-polygon-out threshold.
-        window, stride, batch_size, device, bands, precision: as ``segment``. seed: k-means and sampling seed.
+        window, stride, batch_size, device, bands, precision, extent, mask: as ``segment`` (the area of
+            interest: the search and its outputs cover only it; examples outside it are skipped).
+            seed: k-means and sampling seed.
 
     Returns:
         A JSON-able dict: output paths, size and CRS of the relevance raster, support and cluster
@@ -199,8 +201,8 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     _check_params(clusters, top_n, patch, mode, features, recall_target, max_per_polygon)
     examples, layer = _layer_source(examples, layer)
     check_inference_args(window, stride, batch_size, precision)
-    ds, job, grid, runner = _open_inputs(raster, examples, model, window, stride, batch_size, device, bands,
-                                         features, rep, precision)
+    ds, job, grid, runner, aoi = _open_inputs(raster, examples, model, window, stride, batch_size, device, bands,
+                                              features, rep, precision, extent, mask)
     polygons, ex_info = read_examples(examples, ds, grid, layer=layer, negative_field=negative_field,
                                       max_per_polygon=max_per_polygon, seed=seed, raster_name=str(raster),
                                       reporter=rep)
@@ -211,8 +213,10 @@ def find_class(raster, examples, output_dir, model=None, *, layer=None, clusters
     out_dir, created = _prepare_output_dir(output_dir, overwrite)
     run = None
     try:
+        reader = job.strip_reader(rep)
         run = _Run(raster, examples, negative_field, clusters, top_n, patch, mode, features, center, recall_target,
-                   seed, prefetch, rep, job, grid, runner, job.strip_reader(rep), polygons, ex_info, out_dir)
+                   seed, prefetch, rep, job, grid, runner, reader if aoi is None else aoi.masked(reader, ds),
+                   polygons, ex_info, out_dir)
         _log_start(run)
         support = _support(run)
         cen = _centroids(run, support)
@@ -234,12 +238,19 @@ def _layer_source(examples, layer):
     return examples, layer
 
 
-def _open_inputs(raster, examples, model, window, stride, batch_size, device, bands, features, rep, precision):
-    """The raster, the example layer's existence, the model on its device (:func:`open_inference`), the
-    cell grid and the feature runner: ``(ds, job, grid, runner)``."""
+def _open_inputs(raster, examples, model, window, stride, batch_size, device, bands, features, rep, precision,
+                 extent=None, mask=None):
+    """The raster (its area of interest's subset when there is one), the example layer's existence, the model
+    on its device (:func:`open_inference`), the cell grid and the feature runner: ``(ds, job, grid, runner,
+    aoi)``."""
+    from core.geo.aoi import area_of_interest
     from core.geo.raster import open_image
 
     ds = open_image(raster, rep.log)
+    aoi = area_of_interest(ds, raster, extent, mask, rep.log)
+    if aoi is not None:
+        rep.log(aoi.describe(ds.RasterXSize, ds.RasterYSize))
+        ds = aoi.subset(ds)
     if not Path(str(examples)).exists() and not str(examples).startswith("/vsi"):
         raise InputError(f"Example polygon layer not found: {examples}")
     job = open_inference(ds, raster, model, window=window, stride=stride, batch_size=batch_size, device=device,
@@ -247,7 +258,7 @@ def _open_inputs(raster, examples, model, window, stride, batch_size, device, ba
                          "a random head, and 'resembles' is not meaningful")
     grid = CellGrid(ds.RasterYSize, ds.RasterXSize)
     runner = FeatureRunner(job.lm.model, job.device, features, job.precision, rep.log)
-    return ds, job, grid, runner
+    return ds, job, grid, runner, aoi
 
 
 @dataclass

@@ -25,6 +25,10 @@ def add_segment_arguments(seg) -> None:
                           "off it; the default), native, or metres; the output is always on the input's grid")
     seg.add_argument("--pixel-size", type=float, default=None,
                      help="the raster's pixel size in metres, for a raster without georeferencing (for --resolution)")
+    seg.add_argument("--extent", default=None,
+                     help="area of interest xmin,ymin,xmax,ymax[,CRS] (default CRS: the raster's); the output covers it")
+    seg.add_argument("--mask", default=None,
+                     help="polygon layer of the area of interest (any CRS); pixels outside its polygons are nodata")
     seg.add_argument("--tta", action="store_true",
                      help="test-time augmentation: every window also flipped and turned, logits averaged (8x the time)")
     seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
@@ -40,7 +44,8 @@ def run_segment_command(args, rep: Reporter) -> dict:
     result = segment_raster(args.input, args.output, args.model, window=args.window, stride=args.stride,
                             batch_size=args.batch_size, device=args.device, precision=args.precision, bands=parse_bands(args.bands),
                             probabilities=args.probabilities, overwrite=args.overwrite, reporter=rep,
-                            resolution=args.resolution, pixel_size=args.pixel_size, tta=args.tta)
+                            resolution=args.resolution, pixel_size=args.pixel_size, tta=args.tta,
+                            extent=args.extent, mask=args.mask)
     lines = [f"Wrote {result['output']} ({result['width']} x {result['height']} px, {result['crs'] or 'no CRS'}) "
              f"in {result['seconds']:.1f} s ({result['megapixels_per_second']:.2f} MP/s on {result['device']})"]
     if result["probabilities"]:

@@ -57,7 +57,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                    stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
                    reporter=None, prefetch: bool = True, precision: str = "auto", resolution="auto",
-                   pixel_size: Optional[float] = None, tta: bool = False) -> dict:
+                   pixel_size: Optional[float] = None, tta: bool = False, extent=None, mask=None) -> dict:
     """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
 
     Args:
@@ -75,6 +75,9 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
             always on the input's grid. pixel_size: metres, for a raster without georeferencing.
         tta: test-time augmentation (flips and quarter turns of every window, logits averaged; 8 times
             the compute).
+        extent, mask: the area of interest (:mod:`core.geo.aoi`): ``"xmin,ymin,xmax,ymax[,CRS]"`` and/or a
+            polygon layer; the outputs then cover the area's bounding box on the input's pixel grid, and
+            pixels outside the mask's polygons are nodata.
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -83,7 +86,6 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         InputError / ModelFileError: bad input, named; nothing is left under the output names.
     """
     from core.protocol import Reporter
-    from core.geo.raster import check_not_read, open_image
 
     rep = reporter or Reporter(json_mode=False)
     t_start = time.perf_counter()
@@ -92,13 +94,14 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     check_inference_args(window, stride, batch_size, precision)
     parse_resolution(resolution)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
-    ds = open_image(input_path, rep.log)
-    check_not_read([out, prob], [(ds, input_path)])
+    ds, aoi = _open_input(input_path, [out, prob], extent, mask, rep)
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
     job, grid, why = _at_resolution(job, ds, resolution, pixel_size, rep)
     reader = job.strip_reader(rep)
+    if aoi is not None:
+        reader = aoi.masked(reader, job.ds)
     _log_job(job, ds, input_path, reader.masked, rep)
     predictor = WindowPredictor(job.lm.model, job.device, job.precision, rep.log, tta=tta)
     if tta:
@@ -114,7 +117,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
             stats = stream_segmentation(reader.read, job.plan, predictor, K, inp["mean"], inp["std"], job.batch, write,
                                         progress=lambda f: rep.progress(f, "segmenting"), prefetch=prefetch)
         else:
-            stats = _segment_resampled(job, reader, predictor, ds, input_path, out, grid, write, outputs, rep, prefetch)
+            stats = _segment_resampled(job, reader, predictor, ds, input_path, out, grid, write, outputs, rep, prefetch,
+                                       aoi)
         for o in outputs:  # all closed (a full disk fails here) before any is published: all or none
             o.close()
         for o in outputs:
@@ -124,8 +128,25 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
             o.discard()
         raise
     stats.update(precision=predictor.precision.name, precision_agreement=predictor.run.agreement, tta=bool(tta),
-                 processing=_processing(grid, why))
+                 processing=_processing(grid, why),
+                 area_of_interest=None if aoi is None else {"window": list(aoi.window), "source": aoi.source})
     return _result(job, ds, out, prob, counts, stats, rep, t_start)
+
+
+def _open_input(input_path, outputs, extent, mask, rep):
+    """The raster to segment (:func:`~core.geo.raster.open_image`), refused when an output is a file it reads,
+    and its area of interest (:func:`~core.geo.aoi.area_of_interest`): ``(dataset, aoi or None)`` — with an
+    area, the dataset is the virtual subset of the input's grid that covers it."""
+    from core.geo.aoi import area_of_interest
+    from core.geo.raster import check_not_read, open_image
+
+    ds = open_image(input_path, rep.log)
+    check_not_read(outputs, [(ds, input_path)])
+    aoi = area_of_interest(ds, input_path, extent, mask, rep.log)
+    if aoi is None:
+        return ds, None
+    rep.log(aoi.describe(ds.RasterXSize, ds.RasterYSize))
+    return aoi.subset(ds), aoi
 
 
 def _at_resolution(job, ds, resolution, pixel_size, rep):
@@ -154,7 +175,7 @@ def _processing(grid, why: str) -> dict:
 
 
 def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, write, outputs: list, rep,
-                       prefetch: bool) -> dict:
+                       prefetch: bool, aoi=None) -> dict:
     """Resolution-aware inference (:mod:`core.segment.resolution`). Pass 1 streams the windows over the
     resampled view and writes their averaged logits (float32, K bands, NaN = no vote or nodata) to a
     temporary GeoTIFF on the processing grid; pass 2 reads them back strip by strip, resampled bilinearly
@@ -191,6 +212,8 @@ def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, 
     near = gdal.Translate("", src, format="VRT", width=W, height=H, resampleAlg="nearest")
     native = StripReader(ds, job.bands, BandScaling(np.zeros(len(job.bands)), np.full(len(job.bands), 255.0),
                                                     0.0, 255.0, True, []), name=input_path)
+    if aoi is not None:
+        native = aoi.masked(native, ds)
     rows = max(1, min(H, (32 << 20) // max(1, 4 * K * W)))
     for y0 in range(0, H, rows):
         n = min(rows, H - y0)

@@ -5,12 +5,13 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingParameterEnum, QgsProcessingParameterNumber, QgsProcessingParameterDefinition)
+from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterNumber,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterVectorLayer)
 from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QIcon
 
-from .. import runtime
+from .. import layers, runtime
 
 ICONS = runtime.PLUGIN_DIR / "resources" / "icons"
 DEVICES = ["Automatic (a CUDA GPU if there is one, else the CPU)", "CPU", "CUDA GPU"]
@@ -117,6 +118,30 @@ class SRMFAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "GPU_ID", self.tr("GPU ID (for CUDA GPU)"), QgsProcessingParameterNumber.Integer, defaultValue=0,
             minValue=0, maxValue=63)))
+
+    def add_area_parameters(self, mask_label: str):
+        """EXTENT (optional processing extent) and MASK (optional polygon layer): the engine's area of
+        interest, ``--extent`` / ``--mask`` (:meth:`area_args`)."""
+        self.addParameter(QgsProcessingParameterExtent(
+            "EXTENT", self.tr("Processing extent [blank: the whole raster]"), optional=True))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            "MASK", self.tr(mask_label), [QgsProcessing.TypeVectorPolygon], optional=True))
+
+    def area_args(self, parameters, context, feedback) -> list:
+        """``--extent`` (EXTENT in the CRS of the INPUT raster layer) and ``--mask`` (the MASK layer's file)."""
+        args = []
+        if parameters.get("EXTENT") not in (None, "") and not _is_null(parameters.get("EXTENT")):
+            layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+            crs = layer.crs() if layer is not None else self.parameterAsExtentCrs(parameters, "EXTENT", context)
+            rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
+            text = f"{rect.xMinimum()!r},{rect.yMinimum()!r},{rect.xMaximum()!r},{rect.yMaximum()!r}"
+            if layer is None and crs.isValid() and crs.authid():
+                text += f",{crs.authid()}"
+            args += ["--extent", text]
+        mask = self.parameterAsVectorLayer(parameters, "MASK", context)
+        if mask is not None:
+            args += ["--mask", layers.vector_source(mask, context, feedback, "mask layer")]
+        return args
 
     def device_arg(self, parameters, context) -> str:
         choice = self.parameterAsEnum(parameters, "DEVICE", context)

@@ -75,6 +75,7 @@ class FindClassAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterField(
             "NEGATIVE_FIELD", self.tr("Field marking negative examples (true = not the class) [optional]"),
             parentLayerParameterName="EXAMPLES", optional=True))
+        self.add_area_parameters("Search only inside these polygons [blank: everywhere]")
         self.addParameter(QgsProcessingParameterFile(
             "MODEL", self.tr("Model file (.srmf) [blank: the embedded default model]"),
             extension="srmf", optional=True))
@@ -162,6 +163,7 @@ class FindClassAlgorithm(SRMFAlgorithm):
         bands = self.parameterAsInts(parameters, "BANDS", context) if parameters.get("BANDS") else []
         if bands:
             args += ["--bands", ",".join(str(b) for b in bands)]
+        args += self.area_args(parameters, context, feedback)
         self._args, self._out_dir, self._name = args, out_dir, examples.name()
         return True
 

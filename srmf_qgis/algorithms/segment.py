@@ -32,7 +32,9 @@ tiles overlap by a third and their predictions are averaged). <b>Batch size</b>:
 a pixel the model sees, in metres. Blank = automatic: when the raster's pixels are more than 1.5 times
 finer or coarser than the model's training imagery (0.8 m for the embedded model), each strip is
 resampled to the model's scale as it is read and the classes are resampled back, so the classified
-raster is still on the input's own grid; 0 = the raster's own pixels. <b>Test-time augmentation</b>
+raster is still on the input's own grid; 0 = the raster's own pixels. <b>Processing extent</b> and
+<b>Mask polygons</b>: segment only that area (the outputs cover it, on the input's pixel grid; outside the
+mask's polygons the classes are nodata); only the tiles that touch it are read and run. <b>Test-time augmentation</b>
 (advanced): every tile is also run flipped and turned and the predictions averaged, 8 times the time.
 <b>Precision</b> (advanced): automatic runs the decode
 head in bf16 where the CPU or GPU does so natively, after checking the first batch against float32;
@@ -70,6 +72,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             "STRIDE", self.tr("Stride, pixels [blank: the model's, 341]"),
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=8192))
+        self.add_area_parameters("Mask polygons [blank: none; outside them the classes are nodata]")
         self.addParameter(QgsProcessingParameterNumber(
             "RESOLUTION", self.tr("Processing resolution, metres per pixel [blank: automatic, the model's own when "
                                   "the raster's pixels are more than 1.5x off it; 0: the raster's own pixels]"),
@@ -100,6 +103,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
         output, probabilities = self._raster_outputs(parameters, context)
         polygons = self.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
         args = self._engine_args(parameters, context, source, output, model, probabilities)
+        args += self.area_args(parameters, context, feedback)
         engine_share = 80.0 if polygons else 98.0
         result = self.run_engine("segment", args, feedback, outputs=[output, probabilities],
                                  progress_range=(0.0, engine_share))

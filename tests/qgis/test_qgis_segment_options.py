@@ -1,5 +1,5 @@
-"""RESOLUTION of srmf:segment: the engine's ``--resolution auto|native|METRES`` (blank = auto, 0 = native).
-The command lines are taken from the feedback as the algorithm starts the engine (the worker itself is not
+"""srmf:segment options: RESOLUTION (the engine's ``--resolution auto|native|METRES``; blank = auto, 0 =
+native), TTA (``--tta``), EXTENT and MASK (``--extent`` in the raster's CRS, ``--mask``). The command lines are taken from the feedback as the algorithm starts the engine (the worker itself is not
 started); one real run on the 10 cm NEON scene checks that the automatic choice reaches the engine and
 that the classified raster is on the input's grid."""
 from __future__ import annotations
@@ -64,3 +64,40 @@ def test_test_time_augmentation_is_an_advanced_switch_that_reaches_the_engine(pr
             run_alg("srmf:segment", {"INPUT": str(OSBS), "OUTPUT": str(tmp_path / "o.tif"), "OUTPUT_AREAS": None,
                                      "TTA": value}, fb)
         assert ("--tta" in fb.commands[0]) is value
+
+
+def test_the_processing_extent_and_mask_reach_the_engine_in_the_rasters_crs(provider, engine_not_started, tmp_path):
+    from srmf_qgis_testing import ATLANTA, ATLANTA_BUILDINGS
+
+    params = {"INPUT": str(ATLANTA), "OUTPUT": str(tmp_path / "o.tif"), "OUTPUT_AREAS": None,
+              "EXTENT": "733701.0,733901.0,3724839.0,3725039.0 [EPSG:32616]", "MASK": str(ATLANTA_BUILDINGS)}
+    fb = make_feedback()
+    with pytest.raises(QgsProcessingException, match=NOT_STARTED):
+        run_alg("srmf:segment", params, fb)
+    assert "--extent 733701.0,3724839.0,733901.0,3725039.0" in fb.commands[0]
+    assert "--mask" in fb.commands[0] and "geotiff_labels.geojson" in fb.commands[0]
+
+
+def test_a_processing_extent_in_degrees_is_given_to_the_engine_in_metres(provider, engine_not_started, tmp_path):
+    from srmf_qgis_testing import ATLANTA
+
+    params = {"INPUT": str(ATLANTA), "OUTPUT": str(tmp_path / "o.tif"), "OUTPUT_AREAS": None,
+              "EXTENT": "-84.4,-84.39,33.64,33.65 [EPSG:4326]"}
+    fb = make_feedback()
+    with pytest.raises(QgsProcessingException, match=NOT_STARTED):
+        run_alg("srmf:segment", params, fb)
+    value = fb.commands[0].split("--extent ")[1].split()[0]
+    xmin, ymin, xmax, ymax = map(float, value.split(","))
+    assert 700000 < xmin < xmax < 760000 and 3700000 < ymin < ymax < 3750000  # UTM 16N metres, not degrees
+    assert 0.9 < (xmax - xmin) / 927 < 1.1  # 0.01° of longitude at 33.6° N is ~927 m
+
+
+def test_findclass_passes_its_processing_extent_too(provider, engine_not_started, tmp_path):
+    from srmf_qgis_testing import ATLANTA, ATLANTA_BUILDINGS
+
+    params = {"INPUT": str(ATLANTA), "EXAMPLES": str(ATLANTA_BUILDINGS), "OUTPUT_FOLDER": str(tmp_path / "fc"),
+              "EXTENT": "733601.0,734051.0,3724914.0,3725139.0 [EPSG:32616]"}
+    fb = make_feedback()
+    with pytest.raises(QgsProcessingException, match=NOT_STARTED):
+        run_alg("srmf:findclass", params, fb)
+    assert "--extent 733601.0,3724914.0,734051.0,3725139.0" in fb.commands[0] and "--mask" not in fb.commands[0]
