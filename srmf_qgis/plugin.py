@@ -77,6 +77,7 @@ class SRMFPlugin:
         # Context menu of raster layers in the Layers panel (not of vector layers).
         for key, text, slot, icon_name in (
                 ("segment", "Segment with SRMF", self._segment_current, "segment"),
+                ("segment_visible", "Segment visible extent with SRMF", self._segment_visible_current, "segment"),
                 ("segment_dialog", "Segment with SRMF\u2026", self._segment_dialog_current, "segment"),
                 ("finetune", "Fine-tune SRMF on this layer\u2026", self._finetune_current, "finetune")):
             action = QAction(icon(icon_name), text, parent)
@@ -117,6 +118,23 @@ class SRMFPlugin:
     def _segment_current(self):
         layer = self._current_raster()
         return self.segment_layer(layer) if layer is not None else None
+
+    @_guarded
+    def _segment_visible_current(self):
+        """"Segment visible extent with SRMF": the one-click run on the part of the layer the map shows (the
+        engine's --extent; the class raster covers that part, on the layer's pixel grid)."""
+        from qgis.core import QgsReferencedRectangle
+
+        layer = self._current_raster()
+        if layer is None:
+            return None
+        canvas = self.iface.mapCanvas()
+        extent = canvas.extent() if canvas is not None else None
+        if extent is None or extent.isEmpty():
+            self._message("The map shows nothing to segment: zoom to the part of the layer to segment.", Qgis.Warning)
+            return None
+        crs = canvas.mapSettings().destinationCrs()
+        return self.segment_layer(layer, EXTENT=QgsReferencedRectangle(extent, crs))
 
     @_guarded
     def _segment_dialog_current(self):

@@ -48,11 +48,12 @@ def test_context_menu_actions_for_raster_layers_only(plugin, qgis_iface, clean_p
     vector = QgsVectorLayer(str(ATLANTA_BUILDINGS), "buildings", "ogr")
     assert raster.isValid() and vector.isValid()
     texts = [a.text() for a in plugin.actions_for_layer(raster)]
-    assert texts == ["Segment with SRMF", "Segment with SRMF\u2026", "Fine-tune SRMF on this layer\u2026"]
+    assert texts == ["Segment with SRMF", "Segment visible extent with SRMF", "Segment with SRMF\u2026",
+                     "Fine-tune SRMF on this layer\u2026"]
     assert plugin.actions_for_layer(vector) == []
     # what QGIS was asked: every action for the raster layer type, on all layers of that type
     calls = qgis_iface.addCustomActionForLayerType.call_args_list
-    assert len(calls) == 3
+    assert len(calls) == 4
     for call in calls:
         action, menu, layer_type, all_layers = call.args
         assert layer_type == raster.type() and layer_type != vector.type() and all_layers is True
@@ -89,6 +90,42 @@ def test_segment_with_srmf_adds_a_styled_layer(plugin, qgis_iface, clean_project
     # a second run does not overwrite the first result
     params = __import__("srmf_qgis.tasks", fromlist=["x"]).segment_parameters(layer)
     assert params["OUTPUT"].endswith("OSBS_029_srmf_classes_2.tif")
+
+
+def test_segment_visible_extent_segments_the_part_the_map_shows(plugin, qgis_iface, clean_project, osbs_copy):
+    """The context menu's "Segment visible extent with SRMF" on the real NEON raster zoomed to its north-west
+    part: the class raster covers that part (within the visible extent, on the layer's pixel grid)."""
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    layer = QgsRasterLayer(str(osbs_copy), "OSBS", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(layer.crs())
+    full = layer.extent()
+    canvas.setExtent(QgsRectangle(full.xMinimum(), full.center().y(), full.center().x(), full.yMaximum()))
+    canvas.refresh()
+    shown = canvas.extent()
+    plugin.layer_actions["segment_visible"].trigger()
+    assert len(plugin.jobs) == 1
+    job = plugin.jobs[0]
+    wait_for(lambda: job.done and getattr(job, "layer", None) is not None or (job.done and not job.ok),
+             what="the segmentation task")
+    assert job.ok, job.error
+    ds, src = gdal.Open(job.results["OUTPUT"]), gdal.Open(str(osbs_copy))
+    gt, sgt = ds.GetGeoTransform(), src.GetGeoTransform()
+    assert ds.RasterXSize * ds.RasterYSize < src.RasterXSize * src.RasterYSize  # a part, not the whole
+    assert gt[1] == sgt[1] and gt[5] == sgt[5]
+    assert float((gt[0] - sgt[0]) / sgt[1]).is_integer() and float((gt[3] - sgt[3]) / sgt[5]).is_integer()
+    x0, y1 = gt[0], gt[3]
+    x1, y0 = x0 + ds.RasterXSize * gt[1], y1 + ds.RasterYSize * gt[5]
+    tol = abs(sgt[1])
+    inter = shown.intersect(full)
+    assert x0 <= inter.xMinimum() + tol and x1 >= inter.xMaximum() - tol  # covers what is shown of the layer
+    assert y0 <= inter.yMinimum() + tol and y1 >= inter.yMaximum() - tol
+    assert x0 >= inter.xMinimum() - tol and x1 <= inter.xMaximum() + tol  # and no more
+    assert y0 >= inter.yMinimum() - tol and y1 <= inter.yMaximum() + tol
 
 
 def test_class_table_of_a_fresh_class_raster_and_of_a_result(osbs_segmented, tmp_path):
