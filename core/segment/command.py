@@ -31,6 +31,12 @@ def add_segment_arguments(seg) -> None:
                      help="polygon layer of the area of interest (any CRS); pixels outside its polygons are nodata")
     seg.add_argument("--tta", action="store_true",
                      help="test-time augmentation: every window also flipped and turned, logits averaged (8x the time)")
+    seg.add_argument("--polygons", default=None,
+                     help="also write the class polygons (GeoPackage: class_id, class_name, area_m2)")
+    seg.add_argument("--min-area", type=float, default=None,
+                     help="minimum mapping unit of the polygons in m2 (smaller regions merge into a neighbour)")
+    seg.add_argument("--min-pixels", type=int_arg("--min-pixels"), default=None,
+                     help="minimum mapping unit of the polygons in pixels")
     seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
@@ -45,9 +51,14 @@ def run_segment_command(args, rep: Reporter) -> dict:
                             batch_size=args.batch_size, device=args.device, precision=args.precision, bands=parse_bands(args.bands),
                             probabilities=args.probabilities, overwrite=args.overwrite, reporter=rep,
                             resolution=args.resolution, pixel_size=args.pixel_size, tta=args.tta,
-                            extent=args.extent, mask=args.mask)
+                            extent=args.extent, mask=args.mask, polygons=args.polygons, min_area_m2=args.min_area,
+                            min_pixels=args.min_pixels)
     lines = [f"Wrote {result['output']} ({result['width']} x {result['height']} px, {result['crs'] or 'no CRS'}) "
              f"in {result['seconds']:.1f} s ({result['megapixels_per_second']:.2f} MP/s on {result['device']})"]
+    if result.get("polygons"):
+        pg = result["polygons"]
+        lines.append(f"Wrote {pg['polygons']} ({pg['features']} class polygons"
+                     + (f", none under {pg['min_pixels']} px" if pg["min_pixels"] > 1 else "") + ")")
     if result["probabilities"]:
         lines.append(f"Wrote {result['probabilities']} (per-class probability x 250)")
     lines.append(f"{'class':<20s} {'pixels':>12s} {'area (ha)':>12s}")

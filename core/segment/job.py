@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from core.errors import InputError
+from core.segment.polygons import write_class_polygons
 from core.segment.resolution import parse_resolution, processing_grid, resampled_view
 from core.windows import (RowBlock, SlidePlan, WindowPredictor, check_inference_args, open_inference,
                           stream_segmentation)
@@ -57,7 +58,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                    stride: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
                    reporter=None, prefetch: bool = True, precision: str = "auto", resolution="auto",
-                   pixel_size: Optional[float] = None, tta: bool = False, extent=None, mask=None) -> dict:
+                   pixel_size: Optional[float] = None, tta: bool = False, extent=None, mask=None,
+                   polygons=None, min_area_m2: Optional[float] = None, min_pixels: Optional[int] = None) -> dict:
     """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
 
     Args:
@@ -78,6 +80,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         extent, mask: the area of interest (:mod:`core.geo.aoi`): ``"xmin,ymin,xmax,ymax[,CRS]"`` and/or a
             polygon layer; the outputs then cover the area's bounding box on the input's pixel grid, and
             pixels outside the mask's polygons are nodata.
+        polygons: also write the class polygons to this GeoPackage (:mod:`core.segment.polygons`), sieved to a
+            minimum mapping unit of ``min_area_m2`` square metres or ``min_pixels`` pixels.
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -94,18 +98,14 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     check_inference_args(window, stride, batch_size, precision)
     parse_resolution(resolution)
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
-    ds, aoi = _open_input(input_path, [out, prob], extent, mask, rep)
+    poly = _check_polygons(polygons, out, prob, overwrite)
+    ds, aoi = _open_input(input_path, [out, prob, poly], extent, mask, rep)
+    threshold = 0 if poly is None else _min_pixels(ds, min_area_m2, min_pixels)
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
     job, grid, why = _at_resolution(job, ds, resolution, pixel_size, rep)
-    reader = job.strip_reader(rep)
-    if aoi is not None:
-        reader = aoi.masked(reader, job.ds)
-    _log_job(job, ds, input_path, reader.masked, rep)
-    predictor = WindowPredictor(job.lm.model, job.device, job.precision, rep.log, tta=tta)
-    if tta:
-        rep.log("test-time augmentation: every window also flipped and turned (8 views, logits averaged)")
+    reader, predictor = _reader_and_predictor(job, ds, input_path, aoi, tta, rep)
     counts = np.zeros(256, dtype=np.int64)
     outputs = []
     try:
@@ -121,6 +121,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                                        aoi)
         for o in outputs:  # all closed (a full disk fails here) before any is published: all or none
             o.close()
+        if poly is not None:  # from the finished class raster, before it is published
+            stats["polygons"] = write_class_polygons(cls_out.tmp, poly, job.lm.classes, threshold, rep)
         for o in outputs:
             o.publish()
     except BaseException:
@@ -131,6 +133,37 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                  processing=_processing(grid, why),
                  area_of_interest=None if aoi is None else {"window": list(aoi.window), "source": aoi.source})
     return _result(job, ds, out, prob, counts, stats, rep, t_start)
+
+
+def _reader_and_predictor(job, ds, input_path, aoi, tta: bool, rep):
+    """The job's strip reader (masked by the area of interest's polygons) and its window predictor, logged."""
+    reader = job.strip_reader(rep)
+    if aoi is not None:
+        reader = aoi.masked(reader, job.ds)
+    _log_job(job, ds, input_path, reader.masked, rep)
+    if tta:
+        rep.log("test-time augmentation: every window also flipped and turned (8 views, logits averaged)")
+    return reader, WindowPredictor(job.lm.model, job.device, job.precision, rep.log, tta=tta)
+
+
+def _check_polygons(polygons, out: Path, prob: Optional[Path], overwrite: bool) -> Optional[Path]:
+    """The ``--polygons`` GeoPackage path, checked as the other outputs are (None when not asked for)."""
+    from core.geo.raster import check_output_path
+
+    if not polygons:
+        return None
+    poly = check_output_path(polygons, overwrite, "polygons")
+    if poly.suffix.lower() != ".gpkg":
+        raise InputError(f"--polygons must be a GeoPackage (.gpkg), got {poly}")
+    if poly.resolve() in {out.resolve(), prob.resolve() if prob else None}:
+        raise InputError("--polygons must differ from the other outputs")
+    return poly
+
+
+def _min_pixels(ds, min_area_m2, min_pixels_) -> int:
+    from core.segment.polygons import min_pixels
+
+    return min_pixels(ds, min_area_m2, min_pixels_)
 
 
 def _open_input(input_path, outputs, extent, mask, rep):
@@ -336,6 +369,7 @@ def _result(job, ds, out: Path, prob: Optional[Path], counts: np.ndarray, stats:
     srs = ds.GetSpatialRef()
     return {
         "output": str(out), "probabilities": str(prob) if prob else None,
+        "polygons": stats.pop("polygons", None),
         "model": str(lm.path), "untrained_model": lm.untrained,
         "width": ds.RasterXSize, "height": ds.RasterYSize,
         "crs": crs_label(srs),

@@ -5,7 +5,7 @@ import os
 from typing import Optional
 from pathlib import Path
 
-from qgis.core import (QgsExpression, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
                        QgsProcessingException, QgsProcessingOutputString, QgsProcessingParameterBand,
                        QgsProcessingParameterBoolean,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
@@ -42,7 +42,9 @@ float32 is exact; bf16 forces it (an error where it is not native).</p>
 <p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
 extent and pixel grid as the input; styled with the model's class colours and names, also written
 as a .qml beside it), optional <b>class probabilities</b> (one band per class, 0-250 = 0-100 %),
-optional <b>class polygons</b> (GDAL polygonize, fields class_id and class_name) and the <b>class
+optional <b>class polygons</b> (GDAL polygonize after GDAL's sieve to the <b>minimum mapping unit</b>
+in m\u00b2 — in pixels for a raster in degrees — so no polygon is smaller; fields class_id, class_name
+and area_m2; adjacent polygons share their pixel edges) and the <b>class
 areas</b> table (pixels, m\u00b2, ha, share). Areas need a projected CRS: for a raster in degrees the
 table gives pixels and says so.</p>"""
 
@@ -88,6 +90,10 @@ class SegmentAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Classified raster")))
         self.addParameter(QgsProcessingParameterRasterDestination(
             "OUTPUT_PROBABILITIES", self.tr("Class probabilities"), optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterNumber(
+            "MIN_AREA", self.tr("Minimum mapping unit of the class polygons, m\u00b2 [blank: none; pixels in a "
+                                "raster in degrees]"), QgsProcessingParameterNumber.Double, optional=True,
+            minValue=0.0))
         self.addParameter(QgsProcessingParameterVectorDestination(
             "OUTPUT_POLYGONS", self.tr("Class polygons"), QgsProcessing.TypeVectorPolygon, optional=True,
             createByDefault=False))
@@ -104,7 +110,8 @@ class SegmentAlgorithm(SRMFAlgorithm):
         polygons = self.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
         args = self._engine_args(parameters, context, source, output, model, probabilities)
         args += self.area_args(parameters, context, feedback)
-        engine_share = 80.0 if polygons else 98.0
+        engine_polygons = self._polygon_args(parameters, context, polygons, args)
+        engine_share = 90.0 if polygons else 98.0
         result = self.run_engine("segment", args, feedback, outputs=[output, probabilities],
                                  progress_range=(0.0, engine_share))
         classes = result.get("classes") or []
@@ -122,8 +129,8 @@ class SegmentAlgorithm(SRMFAlgorithm):
         if sink_id is not None:
             results["OUTPUT_AREAS"] = sink_id
         if polygons:
-            results["OUTPUT_POLYGONS"] = self._polygonize(output, polygons, classes, layer_name, context,
-                                                          ScaledFeedback(feedback, engine_share, 100.0))
+            results["OUTPUT_POLYGONS"] = self._polygonize(engine_polygons, polygons, output, classes, layer_name,
+                                                          context, ScaledFeedback(feedback, engine_share, 100.0))
         feedback.setProgress(100.0)
         return results
 
@@ -229,24 +236,32 @@ class SegmentAlgorithm(SRMFAlgorithm):
         if result.get("seconds") is not None:
             feedback.pushInfo(f"Segmented in {result['seconds']:.1f} s on {result.get('device')}.")
 
-    def _polygonize(self, raster: str, polygons: str, classes, layer_name, context, feedback) -> str:
+    def _polygon_args(self, parameters, context, polygons: str, args: list) -> str:
+        """Add ``--polygons`` (a GeoPackage: the destination itself when it is one, else a temporary file)
+        and the minimum mapping unit to ``args``; returns the GeoPackage the engine writes ("" for none)."""
+        if not polygons:
+            return ""
+        target = polygons if polygons.lower().endswith(".gpkg") and "|" not in polygons else \
+            QgsProcessingUtils.generateTempFilename("srmf_polygons.gpkg")
+        args += ["--polygons", target]
+        unit = self.optional_double(parameters, "MIN_AREA", context)
+        if unit:
+            layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+            geographic = layer is not None and layer.crs().isGeographic()
+            args += ["--min-pixels", str(int(unit))] if geographic else ["--min-area", repr(unit)]
+        return target
+
+    def _polygonize(self, engine_polygons: str, polygons: str, raster: str, classes, layer_name, context,
+                    feedback) -> str:
+        """The engine's class polygons (sieved, with class_id, class_name, area_m2) at the destination
+        ``polygons`` (converted when it is not the GeoPackage the engine wrote), styled."""
         import processing
 
-        feedback.setProgressText("SRMF: vectorising the classes (GDAL polygonize)")
-        half = ScaledFeedback(feedback, 0.0, 70.0)
-        poly = processing.run("gdal:polygonize", {
-            "INPUT": raster, "BAND": 1, "FIELD": "class_id", "EIGHT_CONNECTEDNESS": False, "EXTRA": "",
-            "OUTPUT": QgsProcessingUtils.generateTempFilename("srmf_polygons.gpkg"),
-        }, context=context, feedback=half, is_child_algorithm=True)["OUTPUT"]
-        if feedback.isCanceled():
-            raise QgsProcessingException("Cancelled.")
-        whens = " ".join(f"WHEN \"class_id\" = {int(c['id'])} THEN {QgsExpression.quotedString(str(c['name']))}"
-                         for c in classes)
-        formula = f"CASE {whens} END" if whens else "NULL"
-        out = processing.run("native:fieldcalculator", {
-            "INPUT": poly, "FIELD_NAME": "class_name", "FIELD_TYPE": 2, "FIELD_LENGTH": 64, "FIELD_PRECISION": 0,
-            "FORMULA": formula, "OUTPUT": polygons,
-        }, context=context, feedback=ScaledFeedback(feedback, 70.0, 100.0), is_child_algorithm=True)["OUTPUT"]
+        out = polygons
+        if engine_polygons != polygons:
+            out = processing.run("gdal:convertformat", {
+                "INPUT": f"{engine_polygons}|layername=class_polygons", "OPTIONS": "", "OUTPUT": polygons,
+            }, context=context, feedback=ScaledFeedback(feedback, 0.0, 100.0), is_child_algorithm=True)["OUTPUT"]
         # A style beside the file (unless it would clash with the raster's) and on loading.
         out_path = str(out).split("|")[0]
         if os.path.isfile(out_path) and styling.qml_path(out_path) != styling.qml_path(raster):

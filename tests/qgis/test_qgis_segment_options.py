@@ -101,3 +101,20 @@ def test_findclass_passes_its_processing_extent_too(provider, engine_not_started
     with pytest.raises(QgsProcessingException, match=NOT_STARTED):
         run_alg("srmf:findclass", params, fb)
     assert "--extent 733601.0,3724914.0,734051.0,3725139.0" in fb.commands[0] and "--mask" not in fb.commands[0]
+
+
+def test_class_polygons_come_from_the_engine_sieved_to_the_minimum_mapping_unit(provider, tmp_path):
+    """OUTPUT_POLYGONS to a shapefile (converted from the engine's GeoPackage) with MIN_AREA 1 m² on the 10 cm
+    NEON scene: every polygon is at least 1 m², with class_id, class_name and area_m2."""
+    from qgis.core import QgsVectorLayer
+
+    fb = make_feedback()
+    res = run_alg("srmf:segment", {"INPUT": str(OSBS), "OUTPUT": str(tmp_path / "c.tif"), "OUTPUT_AREAS": None,
+                                   "PRECISION": 1, "MIN_AREA": 1.0, "OUTPUT_POLYGONS": str(tmp_path / "poly.shp")}, fb)
+    assert "--min-area 1.0" in fb.commands[0] and "--polygons" in fb.commands[0]
+    poly = res["OUTPUT_POLYGONS"]
+    layer = poly if isinstance(poly, QgsVectorLayer) else QgsVectorLayer(str(poly), "p", "ogr")
+    assert layer.isValid() and layer.featureCount() > 0, poly
+    assert {"class_id", "class_name", "area_m2"} <= set(layer.fields().names())
+    areas = [f["area_m2"] for f in layer.getFeatures()]
+    assert min(areas) >= 1.0 - 1e-9
