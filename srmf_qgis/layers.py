@@ -60,7 +60,7 @@ def vector_source(layer: QgsVectorLayer, context, feedback=None, what: str = "po
     tctx = context.transformContext() if context is not None else QgsCoordinateTransformContext()
     res = QgsVectorFileWriter.writeAsVectorFormatV3(layer, target, tctx, opts)
     err = res[0] if isinstance(res, tuple) else res
-    if err != QgsVectorFileWriter.NoError:
+    if err != QgsVectorFileWriter.WriterError.NoError:
         msg = res[1] if isinstance(res, tuple) and len(res) > 1 else ""
         raise QgsProcessingException(f"Could not export the {what} '{layer.name()}' for the SRMF engine: {msg}")
     if feedback is not None:

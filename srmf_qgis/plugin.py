@@ -29,9 +29,9 @@ def _guarded(fn):
         except Exception as exc:  # noqa: BLE001 - shown to the user and logged, never lost
             from qgis.core import QgsMessageLog
 
-            QgsMessageLog.logMessage(traceback.format_exc(), "SRMF", Qgis.Critical)
+            QgsMessageLog.logMessage(traceback.format_exc(), "SRMF", Qgis.MessageLevel.Critical)
             self._message(f"{type(exc).__name__}: {exc} (details in the SRMF tab of the Log Messages panel)",
-                          Qgis.Critical)
+                          Qgis.MessageLevel.Critical)
             return None
 
     return wrapper
@@ -111,7 +111,7 @@ class SRMFPlugin:
         layer = self.iface.activeLayer()
         if isinstance(layer, QgsRasterLayer):
             return layer
-        self._message("Select a raster layer in the Layers panel first.", Qgis.Warning)
+        self._message("Select a raster layer in the Layers panel first.", Qgis.MessageLevel.Warning)
         return None
 
     @_guarded
@@ -131,7 +131,7 @@ class SRMFPlugin:
         canvas = self.iface.mapCanvas()
         extent = canvas.extent() if canvas is not None else None
         if extent is None or extent.isEmpty():
-            self._message("The map shows nothing to segment: zoom to the part of the layer to segment.", Qgis.Warning)
+            self._message("The map shows nothing to segment: zoom to the part of the layer to segment.", Qgis.MessageLevel.Warning)
             return None
         crs = canvas.mapSettings().destinationCrs()
         return self.segment_layer(layer, EXTENT=QgsReferencedRectangle(extent, crs))
@@ -153,14 +153,14 @@ class SRMFPlugin:
         try:
             parameters = segment_parameters(layer, model=model, **params)
         except Exception as exc:  # noqa: BLE001 - e.g. a non-GDAL layer: say why
-            self._message(str(exc), Qgis.Warning)
+            self._message(str(exc), Qgis.MessageLevel.Warning)
             return None
         job = AlgorithmJob("srmf:segment", parameters, f"SRMF: segmenting {layer.name()}", JobFeedback())
         name = f"{layer.name()} \u2014 SRMF classes"
         job.finished.connect(lambda ok, results, error: self._segment_done(job, name, ok, results, error))
         self.jobs.append(job)
         self._message(f"Segmenting '{layer.name()}' with {Path(parameters['MODEL']).name if parameters['MODEL'] else 'the default model'}"
-                      " \u2014 progress in the task manager (bottom right).", Qgis.Info, 5)
+                      " \u2014 progress in the task manager (bottom right).", Qgis.MessageLevel.Info, 5)
         return job.start()
 
     @_guarded
@@ -170,9 +170,9 @@ class SRMFPlugin:
         if not ok:
             if error.startswith("Cancel"):
                 source = name.rsplit(" \u2014 ", 1)[0]  # the input layer's name, not the class layer's
-                self._message(f"Segmentation of '{source}' cancelled; nothing was written.", Qgis.Info, 5)
+                self._message(f"Segmentation of '{source}' cancelled; nothing was written.", Qgis.MessageLevel.Info, 5)
             else:
-                self._message(f"Segmentation failed: {error}", Qgis.Critical)
+                self._message(f"Segmentation failed: {error}", Qgis.MessageLevel.Critical)
             return
         out = results.get("OUTPUT")
         # The engine's class table (colours and names), not the raster's GDAL metadata (issue 17: GDAL 3.6
@@ -185,7 +185,7 @@ class SRMFPlugin:
         else:
             total = sum(int(a["pixels"]) for a in areas) or 1
             summary = ", ".join(f"{a['name']} {100.0 * int(a['pixels']) / total:.1f} %" for a in areas)
-        self._message(f"Segmented into {out}: {summary}", Qgis.Success, 10)
+        self._message(f"Segmented into {out}: {summary}", Qgis.MessageLevel.Success, 10)
 
     @_guarded
     def _open_algorithm(self, alg_id: str, params: dict):
@@ -234,7 +234,7 @@ class SRMFPlugin:
         self.dialogs.append(dlg)
         return dlg
 
-    def _message(self, text: str, level=Qgis.Info, duration: int = 0):
+    def _message(self, text: str, level=Qgis.MessageLevel.Info, duration: int = 0):
         try:
             self.iface.messageBar().pushMessage("SRMF", text, level, duration)
         except Exception:  # noqa: BLE001 - no message bar (tests, qgis_process)

@@ -40,16 +40,16 @@ def render_quicklook(input_layer: QgsRasterLayer, class_layer: QgsRasterLayer, p
     area_by_name = {a["name"]: a for a in (areas or [])}
     legend_h = 50 + 22 * ((len(names) + 1) // 2) + 10
     head = 34
-    img = QImage(2 * panel + 30, head + size.height() + legend_h, QImage.Format_ARGB32)
+    img = QImage(2 * panel + 30, head + size.height() + legend_h, QImage.Format.Format_ARGB32)
     img.fill(QColor("white"))
     p = QPainter(img)
-    p.setRenderHint(QPainter.Antialiasing)
+    p.setRenderHint(QPainter.RenderHint.Antialiasing)
     font = QFont("sans-serif")
     font.setPixelSize(15)
     font.setBold(True)
     p.setFont(font)
     p.setPen(QColor("#222222"))
-    p.drawText(QRectF(10, 6, 2 * panel + 10, 24), Qt.AlignLeft | Qt.AlignVCenter,
+    p.drawText(QRectF(10, 6, 2 * panel + 10, 24), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
                title or f"SRMF segmentation of {input_layer.name()} ({crs.authid() or 'no CRS'})")
     p.drawImage(10, head, left)
     p.drawImage(20 + panel, head, right)
@@ -60,11 +60,11 @@ def render_quicklook(input_layer: QgsRasterLayer, class_layer: QgsRasterLayer, p
     font.setPixelSize(13)
     p.setFont(font)
     y0 = head + size.height() + 10
-    p.drawText(QRectF(10, y0, panel, 18), Qt.AlignLeft, "Input raster")
-    p.drawText(QRectF(20 + panel, y0, panel, 18), Qt.AlignLeft, "Classes (model colours) over the input")
+    p.drawText(QRectF(10, y0, panel, 18), Qt.AlignmentFlag.AlignLeft, "Input raster")
+    p.drawText(QRectF(20 + panel, y0, panel, 18), Qt.AlignmentFlag.AlignLeft, "Classes (model colours) over the input")
     font.setBold(True)
     p.setFont(font)
-    p.drawText(QRectF(10, y0 + 24, 2 * panel, 18), Qt.AlignLeft,
+    p.drawText(QRectF(10, y0 + 24, 2 * panel, 18), Qt.AlignmentFlag.AlignLeft,
                "Legend (class \u2014 area)" if areas else "Legend")
     font.setBold(False)
     p.setFont(font)
@@ -81,7 +81,7 @@ def render_quicklook(input_layer: QgsRasterLayer, class_layer: QgsRasterLayer, p
         if a is not None:
             text += f" \u2014 {a['area_ha']:.4f} ha" if a.get("area_ha") is not None else f" \u2014 {a['pixels']} px"
         p.setPen(QColor("#222222"))
-        p.drawText(QRectF(x + 24, y - 1, panel - 30, 18), Qt.AlignLeft | Qt.AlignVCenter, text)
+        p.drawText(QRectF(x + 24, y - 1, panel - 30, 18), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, text)
     p.end()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -165,7 +165,7 @@ def relevance_renderer(layer: QgsRasterLayer, threshold: Optional[float] = None)
     from qgis.core import (QgsColorRampShader, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle,
                            QgsRasterBandStats)
 
-    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Min | QgsRasterBandStats.Max)
+    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Stats.Min | QgsRasterBandStats.Stats.Max)
     lo, hi = float(stats.minimumValue), float(stats.maximumValue)
     if threshold is not None and lo < threshold < hi:
         lo = float(threshold)
@@ -173,7 +173,7 @@ def relevance_renderer(layer: QgsRasterLayer, threshold: Optional[float] = None)
         hi = lo + 1e-6
     ramp = QgsStyle.defaultStyle().colorRamp("Viridis")
     shader_fn = QgsColorRampShader(lo, hi, ramp)
-    shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+    shader_fn.setColorRampType(QgsColorRampShader.Type.Interpolated)
     shader_fn.classifyColorRamp(5, 1)
     shader_fn.setClip(True)  # values outside [lo, hi] (below the threshold) are not drawn
     shader = QgsRasterShader()

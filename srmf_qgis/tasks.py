@@ -114,7 +114,7 @@ def default_output_path(source: str, suffix: str = "_srmf_classes", ext: str = "
     src = Path(source)
     folder = src.parent if src.is_file() else Path()
     if not src.is_file() or not os.access(str(folder), os.W_OK):
-        docs = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation) or str(Path.home())
+        docs = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation) or str(Path.home())
         folder = Path(docs) / "SRMF"
         folder.mkdir(parents=True, exist_ok=True)
     stem = src.stem if src.stem else "raster"

@@ -28,7 +28,7 @@ def icon(name: str) -> QIcon:
 
 
 def advanced(param):
-    param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
     return param
 
 
@@ -116,7 +116,7 @@ class SRMFAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterEnum(
             "DEVICE", self.tr("Processor type (device)"), options=DEVICES, defaultValue=0)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "GPU_ID", self.tr("GPU ID (for CUDA GPU)"), QgsProcessingParameterNumber.Integer, defaultValue=0,
+            "GPU_ID", self.tr("GPU ID (for CUDA GPU)"), QgsProcessingParameterNumber.Type.Integer, defaultValue=0,
             minValue=0, maxValue=63)))
 
     def add_area_parameters(self, mask_label: str):
@@ -125,7 +125,7 @@ class SRMFAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterExtent(
             "EXTENT", self.tr("Processing extent [blank: the whole raster]"), optional=True))
         self.addParameter(QgsProcessingParameterVectorLayer(
-            "MASK", self.tr(mask_label), [QgsProcessing.TypeVectorPolygon], optional=True))
+            "MASK", self.tr(mask_label), [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
 
     def area_args(self, parameters, context, feedback) -> list:
         """``--extent`` (EXTENT in the CRS of the INPUT raster layer) and ``--mask`` (the MASK layer's file)."""

@@ -9,8 +9,8 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterMapLayer,
                        QgsProcessingParameterMatrix, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterString, QgsProcessingUtils, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
+from ..compat import field_type
 from .. import classtable, styling
 from ..layers import field_is_numeric, is_vector, layer_path, raster_source
 from .base import SRMFAlgorithm, absolute, advanced
@@ -42,7 +42,7 @@ class EvaluateAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer("PREDICTION", self.tr("Classified raster (prediction)")))
         self.addParameter(QgsProcessingParameterMapLayer(
             "REFERENCE", self.tr("Reference (class raster or polygon layer)"),
-            types=[QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon]))
+            types=[QgsProcessing.SourceType.TypeRaster, QgsProcessing.SourceType.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterString(
             "REFERENCE_FIELD", self.tr("Class field of the reference polygons"), optional=True))
         self.addParameter(QgsProcessingParameterMatrix(
@@ -52,7 +52,7 @@ class EvaluateAlgorithm(SRMFAlgorithm):
             "CLASSES_FILE", self.tr("Class table file (CLASSES.json) [instead of the table above]"),
             extension="json", optional=True)))
         self.addParameter(QgsProcessingParameterFeatureSink(
-            "OUTPUT_TABLE", self.tr("Accuracy per class"), QgsProcessing.TypeVector, optional=True,
+            "OUTPUT_TABLE", self.tr("Accuracy per class"), QgsProcessing.SourceType.TypeVector, optional=True,
             createByDefault=True))
         self.addParameter(QgsProcessingParameterFileDestination(
             "OUTPUT_CSV", self.tr("Accuracy report (CSV)"), fileFilter="CSV files (*.csv)", optional=True,
@@ -137,15 +137,15 @@ class EvaluateAlgorithm(SRMFAlgorithm):
         feedback.pushInfo(summary_text(result))
 
         fields = QgsFields()
-        for name, ftype in (("class_id", QVariant.Int), ("class_name", QVariant.String), ("precision", QVariant.Double),
-                            ("recall", QVariant.Double), ("f1", QVariant.Double), ("iou", QVariant.Double),
-                            ("support", QVariant.LongLong),
-                            ("tail_class", QVariant.Bool)):
+        for name, ftype in (("class_id", field_type("Int")), ("class_name", field_type("String")), ("precision", field_type("Double")),
+                            ("recall", field_type("Double")), ("f1", field_type("Double")), ("iou", field_type("Double")),
+                            ("support", field_type("LongLong")),
+                            ("tail_class", field_type("Bool"))):
             fields.append(QgsField(name, ftype))
         results = {"OVERALL_ACCURACY": result.get("overall_accuracy"), "KAPPA": result.get("kappa"),
                    "MIOU": result.get("miou"), "TAIL_MIOU": result.get("tail_miou"),
                    "PER_CLASS": result.get("per_class") or [], "CONFUSION_MATRIX": result.get("confusion_matrix")}
-        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_TABLE", context, fields, QgsWkbTypes.NoGeometry,
+        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_TABLE", context, fields, QgsWkbTypes.Type.NoGeometry,
                                              QgsCoordinateReferenceSystem())
         if sink is not None:
             for row in result.get("per_class") or []:
@@ -153,7 +153,7 @@ class EvaluateAlgorithm(SRMFAlgorithm):
                 f.setAttributes([row.get("id"), row.get("name"), row.get("precision"), row.get("recall"),
                                  row.get("f1"), row.get("iou"), row.get("support"),
                                  bool(row.get("tail", row.get("tail_class", False)))])
-                sink.addFeature(f, QgsFeatureSink.FastInsert)
+                sink.addFeature(f, QgsFeatureSink.Flag.FastInsert)
             results["OUTPUT_TABLE"] = sink_id
         if csv:
             results["OUTPUT_CSV"] = result.get("csv") or absolute(csv)

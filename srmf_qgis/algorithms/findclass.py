@@ -71,7 +71,7 @@ class FindClassAlgorithm(SRMFAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", self.tr("Raster to search")))
         self.addParameter(QgsProcessingParameterVectorLayer(
-            "EXAMPLES", self.tr("Example polygons of the new class"), [QgsProcessing.TypeVectorPolygon]))
+            "EXAMPLES", self.tr("Example polygons of the new class"), [QgsProcessing.SourceType.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField(
             "NEGATIVE_FIELD", self.tr("Field marking negative examples (true = not the class) [optional]"),
             parentLayerParameterName="EXAMPLES", optional=True))
@@ -80,13 +80,13 @@ class FindClassAlgorithm(SRMFAlgorithm):
             "MODEL", self.tr("Model file (.srmf) [blank: the embedded default model]"),
             extension="srmf", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            "CLUSTERS", self.tr("Clusters (K, the most centroids)"), QgsProcessingParameterNumber.Integer,
+            "CLUSTERS", self.tr("Clusters (K, the most centroids)"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=1, minValue=1, maxValue=64))  # core.findclass.params.DEFAULTS["clusters"] (README: evaluation)
         self.addParameter(QgsProcessingParameterNumber(
-            "TOP_N", self.tr("Candidates to review (top N patches)"), QgsProcessingParameterNumber.Integer,
+            "TOP_N", self.tr("Candidates to review (top N patches)"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=100, minValue=1, maxValue=100000))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "PATCH", self.tr("Candidate patch size, pixels (multiple of 4)"), QgsProcessingParameterNumber.Integer,
+            "PATCH", self.tr("Candidate patch size, pixels (multiple of 4)"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=64, minValue=4, maxValue=4096)))
         self.addParameter(advanced(QgsProcessingParameterEnum(
             "MODE", self.tr("Relevance"), options=MODE_LABELS, defaultValue=0)))
@@ -94,12 +94,12 @@ class FindClassAlgorithm(SRMFAlgorithm):
             "FEATURES", self.tr("Feature space"), options=FEATURE_LABELS, defaultValue=0)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "RECALL_TARGET", self.tr("Threshold: share of each held-out example to keep (0.05-1)"),
-            QgsProcessingParameterNumber.Double, defaultValue=0.9, minValue=0.05, maxValue=1.0)))
+            QgsProcessingParameterNumber.Type.Double, defaultValue=0.9, minValue=0.05, maxValue=1.0)))
         self.addParameter(advanced(QgsProcessingParameterBand(
             "BANDS", self.tr("Bands in the model's order red, green, blue [blank: automatic]"),
             parentLayerParameterName="INPUT", optional=True, allowMultiple=True)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "SEED", self.tr("Random seed (k-means, sampling)"), QgsProcessingParameterNumber.Integer,
+            "SEED", self.tr("Random seed (k-means, sampling)"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=0, minValue=0)))
         self.add_device_parameters()
         self.add_precision_parameter()
@@ -107,7 +107,7 @@ class FindClassAlgorithm(SRMFAlgorithm):
             "OUTPUT_FOLDER", self.tr("Output folder (relevance.tif, candidates.gpkg)")))
         self.addOutput(QgsProcessingOutputRasterLayer("OUTPUT_RELEVANCE", self.tr("Relevance")))
         self.addOutput(QgsProcessingOutputVectorLayer("OUTPUT_CANDIDATES", self.tr("Candidates"),
-                                                      QgsProcessing.TypeVectorPolygon))
+                                                      QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("THRESHOLD", self.tr("Calibrated threshold")))
         self.addOutput(QgsProcessingOutputNumber("CLUSTERS_KEPT", self.tr("Clusters kept")))
         self.addOutput(QgsProcessingOutputString("RESEMBLES", self.tr("Existing classes it resembles")))
@@ -214,7 +214,7 @@ class FindClassHandoffAlgorithm(SRMFAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterVectorLayer(
             "CANDIDATES", self.tr("Reviewed candidates (candidates.gpkg of Find a new class)"),
-            [QgsProcessing.TypeVectorPolygon]))
+            [QgsProcessing.SourceType.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterString("CLASS_NAME", self.tr("Name of the new class")))
         self.addParameter(QgsProcessingParameterString(
             "COLOUR", self.tr("Colour of the new class (#RRGGBB) [blank: automatic]"), optional=True))
@@ -224,7 +224,7 @@ class FindClassHandoffAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterFolderDestination(
             "OUTPUT_FOLDER", self.tr("Output folder (labels.gpkg, base_with_class.srmf, classes.json)")))
         self.addOutput(QgsProcessingOutputVectorLayer("OUTPUT_LABELS", self.tr("Labels of the new class"),
-                                                      QgsProcessing.TypeVectorPolygon))
+                                                      QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputFile("OUTPUT_BASE_MODEL", self.tr("Base model with the new class")))
         self.addOutput(QgsProcessingOutputFile("OUTPUT_CLASSES", self.tr("Class table file")))
         self.addOutput(QgsProcessingOutputNumber("ACCEPTED", self.tr("Accepted candidates")))

@@ -8,8 +8,8 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterMatrix,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterString, QgsProcessingUtils, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
+from ..compat import field_type
 from .. import classtable, runtime
 from ..layers import field_is_numeric, is_vector, layer_path
 from .base import SRMFAlgorithm, absolute, advanced
@@ -61,24 +61,24 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         self.add_device_parameters()
         self.add_precision_parameter()
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "SEED", self.tr("Random seed"), QgsProcessingParameterNumber.Integer,
+            "SEED", self.tr("Random seed"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=TRAINING_DEFAULTS["seed"], minValue=0)))
         self.addParameter(advanced(QgsProcessingParameterBoolean(
             "RESUME", self.tr("Continue a stopped run of the same output (from its checkpoint)"), defaultValue=False)))
         self.addParameter(QgsProcessingParameterFileDestination(
             "OUTPUT_MODEL", self.tr("Fine-tuned model"), fileFilter="SRMF model (*.srmf)"))
         self.addParameter(QgsProcessingParameterFeatureSink(
-            "OUTPUT_METRICS", self.tr("Per-class validation IoU"), QgsProcessing.TypeVector, optional=True,
+            "OUTPUT_METRICS", self.tr("Per-class validation IoU"), QgsProcessing.SourceType.TypeVector, optional=True,
             createByDefault=True))
         self.addOutput(QgsProcessingOutputNumber("MIOU", self.tr("Validation mIoU")))
 
     def _add_data_parameters(self):
         """Training rasters and labels, the class table, the base model."""
         self.addParameter(QgsProcessingParameterMultipleLayers(
-            "INPUT_RASTERS", self.tr("Training rasters"), QgsProcessing.TypeRaster))
+            "INPUT_RASTERS", self.tr("Training rasters"), QgsProcessing.SourceType.TypeRaster))
         self.addParameter(QgsProcessingParameterMultipleLayers(
             "LABELS", self.tr("Labels, one per raster in the same order (class rasters or polygon layers)"),
-            QgsProcessing.TypeMapLayer))
+            QgsProcessing.SourceType.TypeMapLayer))
         self.addParameter(QgsProcessingParameterString(
             "LABEL_FIELD", self.tr("Class field of the polygon labels"), optional=True))
         self.addParameter(QgsProcessingParameterMatrix(
@@ -95,37 +95,37 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         """The recipe (defaults: :data:`TRAINING_DEFAULTS`) and the validation data."""
         d = TRAINING_DEFAULTS
         self.addParameter(QgsProcessingParameterNumber(
-            "MAX_ITERATIONS", self.tr("Max iterations"), QgsProcessingParameterNumber.Integer,
+            "MAX_ITERATIONS", self.tr("Max iterations"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=d["iterations"], minValue=1, maxValue=10_000_000))
         self.addParameter(QgsProcessingParameterNumber(
-            "BATCH_SIZE", self.tr("Batch size [blank: automatic]"), QgsProcessingParameterNumber.Integer,
+            "BATCH_SIZE", self.tr("Batch size [blank: automatic]"), QgsProcessingParameterNumber.Type.Integer,
             optional=True, minValue=1, maxValue=1024))
         lr = QgsProcessingParameterNumber("LEARNING_RATE", self.tr("Learning rate"),
-                                          QgsProcessingParameterNumber.Double, defaultValue=d["lr"],
+                                          QgsProcessingParameterNumber.Type.Double, defaultValue=d["lr"],
                                           minValue=1e-8, maxValue=1.0)
         lr.setMetadata({"widget_wrapper": {"decimals": 8}})
         self.addParameter(advanced(lr))
         self.addParameter(QgsProcessingParameterNumber(
             "VALIDATION_SHARE", self.tr("Validation share (0-0.9, held out by region)"),
-            QgsProcessingParameterNumber.Double, defaultValue=d["val_share"], minValue=0.0, maxValue=0.9))
+            QgsProcessingParameterNumber.Type.Double, defaultValue=d["val_share"], minValue=0.0, maxValue=0.9))
         self.addParameter(advanced(QgsProcessingParameterMultipleLayers(
             "VALIDATION_RASTERS", self.tr("Validation rasters [instead of the validation share]"),
-            QgsProcessing.TypeRaster, optional=True)))
+            QgsProcessing.SourceType.TypeRaster, optional=True)))
         self.addParameter(advanced(QgsProcessingParameterMultipleLayers(
             "VALIDATION_LABELS", self.tr("Labels of the validation rasters (same order)"),
-            QgsProcessing.TypeMapLayer, optional=True)))
+            QgsProcessing.SourceType.TypeMapLayer, optional=True)))
         self.addParameter(advanced(QgsProcessingParameterBoolean(
             "CLASS_BALANCING", self.tr("Class balancing (SRMF's multi-scale anchored crops and rare-region "
                                        "resampling)"), defaultValue=d["class_balancing"])))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "CROP_SIZE", self.tr("Training crop size (pixels)"), QgsProcessingParameterNumber.Integer,
+            "CROP_SIZE", self.tr("Training crop size (pixels)"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=d["crop"], minValue=64, maxValue=4096)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            "VALIDATION_INTERVAL", self.tr("Validate every N iterations"), QgsProcessingParameterNumber.Integer,
+            "VALIDATION_INTERVAL", self.tr("Validate every N iterations"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=d["eval_interval"], minValue=1)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "ACCUMULATE", self.tr("Gradient accumulation steps (for small GPUs)"),
-            QgsProcessingParameterNumber.Integer, defaultValue=d["accumulate"], minValue=1, maxValue=256)))
+            QgsProcessingParameterNumber.Type.Integer, defaultValue=d["accumulate"], minValue=1, maxValue=256)))
 
     # ---------------------------------------------------------------------------------------------
     def class_entries(self, parameters, context, labels):
@@ -296,17 +296,17 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         results = {"OUTPUT_MODEL": model, "MIOU": miou, "PER_CLASS_IOU": per_class,
                    "CLASSES": result.get("classes") or []}
         fields = QgsFields()
-        fields.append(QgsField("class_id", QVariant.Int))
-        fields.append(QgsField("class_name", QVariant.String))
-        fields.append(QgsField("iou", QVariant.Double))
-        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_METRICS", context, fields, QgsWkbTypes.NoGeometry,
+        fields.append(QgsField("class_id", field_type("Int")))
+        fields.append(QgsField("class_name", field_type("String")))
+        fields.append(QgsField("iou", field_type("Double")))
+        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_METRICS", context, fields, QgsWkbTypes.Type.NoGeometry,
                                              QgsCoordinateReferenceSystem())
         if sink is not None:
             ids = {c.get("name"): c.get("id") for c in result.get("classes") or []}
             for name, v in per_class.items():
                 f = QgsFeature(fields)
                 f.setAttributes([ids.get(name), name, v if isinstance(v, (int, float)) else None])
-                sink.addFeature(f, QgsFeatureSink.FastInsert)
+                sink.addFeature(f, QgsFeatureSink.Flag.FastInsert)
             results["OUTPUT_METRICS"] = sink_id
         feedback.setProgress(100.0)
         return results

@@ -8,8 +8,8 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessing, QgsProcessingOutputNumber, QgsProcessingOutputString,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
+from ..compat import field_type
 from .base import SRMFAlgorithm, absolute
 
 HELP = """<p>Shows what an SRMF model file (.srmf) holds: its classes with their colours and text prompts,
@@ -35,7 +35,7 @@ class ModelInfoAlgorithm(SRMFAlgorithm):
             "MODEL", self.tr("Model file (.srmf) [blank: the embedded default model]"), extension="srmf",
             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink(
-            "OUTPUT_CLASSES", self.tr("Model classes"), QgsProcessing.TypeVector, optional=True,
+            "OUTPUT_CLASSES", self.tr("Model classes"), QgsProcessing.SourceType.TypeVector, optional=True,
             createByDefault=True))
         self.addParameter(QgsProcessingParameterFileDestination(
             "OUTPUT_HTML", self.tr("Model report"), fileFilter="HTML files (*.html)", optional=True,
@@ -61,16 +61,16 @@ class ModelInfoAlgorithm(SRMFAlgorithm):
                    "CLASS_COUNT": len(classes), "GSD_M": header.get("gsd_m"),
                    "METRICS": json.dumps(header.get("metrics") or {}), "CLASSES": classes, "HEADER": header}
         fields = QgsFields()
-        for name, ftype in (("class_id", QVariant.Int), ("class_name", QVariant.String),
-                            ("colour", QVariant.String), ("prompt", QVariant.String)):
+        for name, ftype in (("class_id", field_type("Int")), ("class_name", field_type("String")),
+                            ("colour", field_type("String")), ("prompt", field_type("String"))):
             fields.append(QgsField(name, ftype))
-        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_CLASSES", context, fields, QgsWkbTypes.NoGeometry,
+        sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_CLASSES", context, fields, QgsWkbTypes.Type.NoGeometry,
                                              QgsCoordinateReferenceSystem())
         if sink is not None:
             for c in classes:
                 f = QgsFeature(fields)
                 f.setAttributes([int(c["id"]), c.get("name"), c.get("colour"), c.get("prompt")])
-                sink.addFeature(f, QgsFeatureSink.FastInsert)
+                sink.addFeature(f, QgsFeatureSink.Flag.FastInsert)
             results["OUTPUT_CLASSES"] = sink_id
         out_html = self.parameterAsFileOutput(parameters, "OUTPUT_HTML", context) if parameters.get("OUTPUT_HTML") else ""
         if out_html:

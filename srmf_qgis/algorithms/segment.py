@@ -12,8 +12,8 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterVectorDestination,
                        QgsProcessingUtils, QgsWkbTypes, QgsCoordinateReferenceSystem, QgsVectorLayer)
-from qgis.PyQt.QtCore import QVariant
 
+from ..compat import field_type
 from .. import runtime, styling
 from ..layers import raster_source
 from .base import ScaledFeedback, SRMFAlgorithm, _is_null, absolute, advanced
@@ -70,18 +70,18 @@ class SegmentAlgorithm(SRMFAlgorithm):
             parentLayerParameterName="INPUT", optional=True, allowMultiple=True))
         self.addParameter(QgsProcessingParameterNumber(
             "TILE_SIZE", self.tr("Tile size (window), pixels [blank: the model's, 512]"),
-            QgsProcessingParameterNumber.Integer, optional=True, minValue=32, maxValue=8192))
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=32, maxValue=8192))
         self.addParameter(QgsProcessingParameterNumber(
             "STRIDE", self.tr("Stride, pixels [blank: the model's, 341]"),
-            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=8192))
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=1, maxValue=8192))
         self.add_area_parameters("Mask polygons [blank: none; outside them the classes are nodata]")
         self.addParameter(QgsProcessingParameterNumber(
             "RESOLUTION", self.tr("Processing resolution, metres per pixel [blank: automatic, the model's own when "
                                   "the raster's pixels are more than 1.5x off it; 0: the raster's own pixels]"),
-            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=10000.0))
+            QgsProcessingParameterNumber.Type.Double, optional=True, minValue=0.0, maxValue=10000.0))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "BATCH_SIZE", self.tr("Batch size (tiles per step) [blank: automatic]"),
-            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)))
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=1, maxValue=1024)))
         self.addParameter(advanced(QgsProcessingParameterBoolean(
             "TTA", self.tr("Test-time augmentation (each tile also flipped and turned; 8 times slower)"),
             defaultValue=False)))
@@ -92,13 +92,13 @@ class SegmentAlgorithm(SRMFAlgorithm):
             "OUTPUT_PROBABILITIES", self.tr("Class probabilities"), optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterNumber(
             "MIN_AREA", self.tr("Minimum mapping unit of the class polygons, m\u00b2 [blank: none; pixels in a "
-                                "raster in degrees]"), QgsProcessingParameterNumber.Double, optional=True,
+                                "raster in degrees]"), QgsProcessingParameterNumber.Type.Double, optional=True,
             minValue=0.0))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            "OUTPUT_POLYGONS", self.tr("Class polygons"), QgsProcessing.TypeVectorPolygon, optional=True,
+            "OUTPUT_POLYGONS", self.tr("Class polygons"), QgsProcessing.SourceType.TypeVectorPolygon, optional=True,
             createByDefault=False))
         self.addParameter(QgsProcessingParameterFeatureSink(
-            "OUTPUT_AREAS", self.tr("Class areas"), QgsProcessing.TypeVector, optional=True, createByDefault=True))
+            "OUTPUT_AREAS", self.tr("Class areas"), QgsProcessing.SourceType.TypeVector, optional=True, createByDefault=True))
         self.addOutput(QgsProcessingOutputString("AREA_NOTE", self.tr("Note on the areas")))
         self.addOutput(QgsProcessingOutputString("MODEL_USED", self.tr("Model used")))
 
@@ -201,12 +201,12 @@ class SegmentAlgorithm(SRMFAlgorithm):
     def _area_table(self, parameters, context, areas) -> Optional[str]:
         """Write the class areas to the OUTPUT_AREAS table sink; its id, or None when not asked for."""
         sink_fields = QgsFields()
-        for fname, ftype in (("class_id", QVariant.Int), ("class_name", QVariant.String),
-                             ("pixels", QVariant.LongLong), ("area_m2", QVariant.Double),
-                             ("area_ha", QVariant.Double), ("share_pct", QVariant.Double)):
+        for fname, ftype in (("class_id", field_type("Int")), ("class_name", field_type("String")),
+                             ("pixels", field_type("LongLong")), ("area_m2", field_type("Double")),
+                             ("area_ha", field_type("Double")), ("share_pct", field_type("Double"))):
             sink_fields.append(QgsField(fname, ftype))
         sink, sink_id = self.parameterAsSink(parameters, "OUTPUT_AREAS", context, sink_fields,
-                                             QgsWkbTypes.NoGeometry, QgsCoordinateReferenceSystem())
+                                             QgsWkbTypes.Type.NoGeometry, QgsCoordinateReferenceSystem())
         if sink is None:
             return None
         total = sum(int(a["pixels"]) for a in areas) or 1
@@ -214,7 +214,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
             f = QgsFeature(sink_fields)
             f.setAttributes([int(a["id"]), a["name"], int(a["pixels"]), a.get("area_m2"), a.get("area_ha"),
                              round(100.0 * int(a["pixels"]) / total, 3)])
-            sink.addFeature(f, QgsFeatureSink.FastInsert)
+            sink.addFeature(f, QgsFeatureSink.Flag.FastInsert)
         return sink_id
 
     # ---------------------------------------------------------------------------------------------

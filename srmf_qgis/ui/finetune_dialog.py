@@ -89,7 +89,7 @@ class FinetuneDialog(QDialog):
         self.setMinimumSize(900, 760)
         self.resize(1100, 860)
         self.message_bar = QgsMessageBar(self)
-        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.message_bar.setSizePolicy(QSizePolicy.Policy.Minimum, QSizePolicy.Policy.Fixed)
         data_box = self._build_data_box()
         class_box = self._build_class_box()
         train_box = self._build_train_box()
@@ -110,9 +110,9 @@ class FinetuneDialog(QDialog):
         self.pairs.horizontalHeaderItem(0).setToolTip("A raster layer to learn from (any size; RGB, or one band).")
         self.pairs.horizontalHeaderItem(1).setToolTip("Its labels: a class raster (one value per class) or a polygon "
                                                       "layer whose class field says which class each polygon is.")
-        self.pairs.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.pairs.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.pairs.verticalHeader().setVisible(False)
-        self.pairs.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.pairs.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.pairs.setMinimumHeight(90)
         add_pair = QPushButton("Add raster", data_box)
         remove_pair = QPushButton("Remove", data_box)
@@ -186,7 +186,7 @@ class FinetuneDialog(QDialog):
         for text, value in DEVICE_CHOICES:
             self.device.addItem(text, value)
         self.output = QgsFileWidget(train_box)
-        self.output.setStorageMode(QgsFileWidget.SaveFile)
+        self.output.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.output.setFilter("SRMF model (*.srmf)")
         self.output.setConfirmOverwrite(True)
         self.output.lineEdit().setPlaceholderText("where to save the fine-tuned model (.srmf)")
@@ -211,10 +211,10 @@ class FinetuneDialog(QDialog):
         self.log.setFont(QFont("monospace"))
         self.iou_table = QTableWidget(0, 2, run_box)
         self.iou_table.setHorizontalHeaderLabels(["Class", "Validation IoU"])
-        self.iou_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.iou_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.iou_table.verticalHeader().setVisible(False)
         self.iou_label = QLabel("", run_box)
-        split = QSplitter(Qt.Horizontal, run_box)
+        split = QSplitter(Qt.Orientation.Horizontal, run_box)
         split.addWidget(self.log)
         right = QWidget(split)
         rl = QVBoxLayout(right)
@@ -267,11 +267,11 @@ class FinetuneDialog(QDialog):
         row = self.pairs.rowCount()
         self.pairs.insertRow(row)
         rc = QgsMapLayerComboBox(self.pairs)
-        rc.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        rc.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         rc.setAllowEmptyLayer(True)
         rc.setLayer(raster)
         lc = QgsMapLayerComboBox(self.pairs)
-        lc.setFilters(QgsMapLayerProxyModel.RasterLayer | QgsMapLayerProxyModel.PolygonLayer)
+        lc.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer | QgsMapLayerProxyModel.Filter.PolygonLayer)
         lc.setAllowEmptyLayer(True)
         lc.setLayer(labels)
         if raster is not None and labels is None:
@@ -356,7 +356,7 @@ class FinetuneDialog(QDialog):
                 result = runtime.run_engine("info", [model] if model else [], None, require_torch=False)
             except runtime.EngineError as exc:
                 if not quiet:
-                    self.show_message(f"Could not read the base model's classes: {exc}", Qgis.Warning)
+                    self.show_message(f"Could not read the base model's classes: {exc}", Qgis.MessageLevel.Warning)
                 return False
             classes = (result.get("header") or {}).get("classes") or []
         self.class_table.set_entries(classtable.from_model_classes(classes))
@@ -375,10 +375,10 @@ class FinetuneDialog(QDialog):
                         raise ValueError(f"The labels '{lab.name()}' are polygons: choose their class field first.")
                     found += vector_values(lab, field)
         except ValueError as exc:
-            self.show_message(str(exc), Qgis.Warning)
+            self.show_message(str(exc), Qgis.MessageLevel.Warning)
             return 0
         if not found:
-            self.show_message("Choose label layers first (the value of each class is read from them).", Qgis.Info)
+            self.show_message("Choose label layers first (the value of each class is read from them).", Qgis.MessageLevel.Info)
             return 0
         added, updated = self.class_table.merge_entries(found)
         parts = []
@@ -387,7 +387,7 @@ class FinetuneDialog(QDialog):
         if updated:
             parts.append(f"the label value of {updated} class(es) of the same name set from the labels")
         self.show_message(("; ".join(parts) or "The labels hold no class that is not in the table already") + ".",
-                          Qgis.Info)
+                          Qgis.MessageLevel.Info)
         return added
 
     # -- validation and parameters ------------------------------------------------------------------
@@ -452,7 +452,7 @@ class FinetuneDialog(QDialog):
         }
 
     # -- running -----------------------------------------------------------------------------------
-    def show_message(self, text: str, level=Qgis.Info, duration: int = 0):
+    def show_message(self, text: str, level=Qgis.MessageLevel.Info, duration: int = 0):
         self.message_bar.clearWidgets()
         self.message_bar.pushMessage("SRMF", text, level, duration)
         self.last_message = text
@@ -460,7 +460,7 @@ class FinetuneDialog(QDialog):
     def run(self) -> bool:
         problem = self.validate()
         if problem:
-            self.show_message(problem, Qgis.Warning)
+            self.show_message(problem, Qgis.MessageLevel.Warning)
             return False
         params = self.parameters()
         self.message_bar.clearWidgets()
@@ -508,7 +508,7 @@ class FinetuneDialog(QDialog):
             self.iou_table.insertRow(r)
             self.iou_table.setItem(r, 0, QTableWidgetItem(str(name)))
             item = QTableWidgetItem(f"{v:.3f}" if isinstance(v, (int, float)) else "n/a")
-            item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
+            item.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
             self.iou_table.setItem(r, 1, item)
         text = f"mIoU {miou:.3f}" if isinstance(miou, (int, float)) else "mIoU n/a"
         self.iou_label.setText(f"<b>{text}</b>" + (f" ({when})" if when else ""))
@@ -523,9 +523,9 @@ class FinetuneDialog(QDialog):
             self.segment_button.setEnabled(True)
             raster = next((r for r in self.rasters() if r is not None), None)
             self.show_message(f"Fine-tuned model saved: {self.model_path}. Click \u201cSegment with the new model\u201d "
-                              f"to segment '{raster.name() if raster else 'a raster'}' with it.", Qgis.Success)
+                              f"to segment '{raster.name() if raster else 'a raster'}' with it.", Qgis.MessageLevel.Success)
         else:
-            self.show_message(error or "Fine-tuning failed; see the log.", Qgis.Critical)
+            self.show_message(error or "Fine-tuning failed; see the log.", Qgis.MessageLevel.Critical)
 
     def segment_with_new_model(self, layer=None, **params):
         """Segment a raster (default: the first training raster) with the fine-tuned model, as a task;
@@ -542,5 +542,5 @@ class FinetuneDialog(QDialog):
         job = AlgorithmJob("srmf:segment", segment_parameters(layer, model=self.model_path, **params))
         job.finished.connect(lambda ok, res, err: add_class_raster(res["OUTPUT"], f"{layer.name()} \u2014 SRMF classes",
                                                                    result_classes(res))
-                             if ok else self.show_message(f"Segmentation failed: {err}", Qgis.Critical))
+                             if ok else self.show_message(f"Segmentation failed: {err}", Qgis.MessageLevel.Critical))
         return job.start()

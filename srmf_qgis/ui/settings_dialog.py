@@ -27,9 +27,9 @@ class TextReportDialog(QDialog):
         self.text.setPlainText(text)
         copy = QPushButton("Copy to clipboard", self)
         copy.clicked.connect(self.copy)
-        buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, self)
         buttons.rejected.connect(self.reject)
-        buttons.addButton(copy, QDialogButtonBox.ActionRole)
+        buttons.addButton(copy, QDialogButtonBox.ButtonRole.ActionRole)
         lay = QVBoxLayout(self)
         lay.addWidget(self.text)
         lay.addWidget(buttons)
@@ -39,7 +39,7 @@ class TextReportDialog(QDialog):
 
 
 def show_diagnostics(parent=None) -> TextReportDialog:
-    QApplication.setOverrideCursor(Qt.WaitCursor)
+    QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
     try:
         text = environment.diagnostics_text(environment.diagnostics())
     finally:
@@ -55,7 +55,7 @@ class InstallTask(QgsTask):
     line = pyqtSignal(str)
 
     def __init__(self, variant: str = "default", **kwargs):
-        super().__init__("SRMF: installing the engine's dependencies", QgsTask.CanCancel)
+        super().__init__("SRMF: installing the engine's dependencies", QgsTask.Flag.CanCancel)
         self.variant = variant
         self.kwargs = kwargs
         self.python = None
@@ -95,7 +95,7 @@ class InstallDialog(QDialog):
         self.log = QPlainTextEdit(self)
         self.log.setReadOnly(True)
         self.log.setFont(QFont("monospace"))
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Cancel, self)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel, self)
         self.buttons.rejected.connect(self._cancel_or_close)
         lay = QVBoxLayout(self)
         lay.addWidget(self.info)
@@ -122,7 +122,7 @@ class InstallDialog(QDialog):
     def _done(self, ok: bool):
         self.done, self.ok = True, ok
         self.buttons.clear()
-        self.buttons.addButton(QDialogButtonBox.Close)
+        self.buttons.addButton(QDialogButtonBox.StandardButton.Close)
         if ok:
             self.progress.setValue(100)
             self.log.appendPlainText(f"\nThe SRMF engine is ready: {self.task.python}")
@@ -144,14 +144,14 @@ class SettingsDialog(QDialog):
         self.setWindowTitle("SRMF settings")
         self.resize(720, 300)
         self.message_bar = QgsMessageBar(self)
-        self.message_bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.message_bar.setSizePolicy(QSizePolicy.Policy.Minimum, QSizePolicy.Policy.Fixed)
         self.python = QgsFileWidget(self)
         self.python.lineEdit().setPlaceholderText("automatic")
         self.python.setFilePath(str(runtime.get_setting(runtime.SETTINGS_PYTHON, "") or ""))
         self.python.fileChanged.connect(lambda *_: self.update_status())
         self.status = QLabel(self)
         self.status.setWordWrap(True)
-        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.device = QComboBox(self)
         for key, text in DEVICES:
             self.device.addItem(text, key)
@@ -177,7 +177,7 @@ class SettingsDialog(QDialog):
         actions.addWidget(self.install_button)
         actions.addWidget(self.diag_button)
         actions.addStretch(1)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, self)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
@@ -209,7 +209,7 @@ class SettingsDialog(QDialog):
     def accept(self):
         path = (self.python.filePath() or "").strip()
         if path and not environment.looks_like_python(path):
-            self.message_bar.pushMessage("SRMF", f"{path} does not look like a Python executable.", Qgis.Warning, 0)
+            self.message_bar.pushMessage("SRMF", f"{path} does not look like a Python executable.", Qgis.MessageLevel.Warning, 0)
             return
         runtime.set_setting(runtime.SETTINGS_PYTHON, path)
         runtime.set_setting(runtime.SETTINGS_DEVICE, self.device.currentData())
