@@ -114,8 +114,20 @@ class SRMFPlugin:
         self._message("Select a raster layer in the Layers panel first.", Qgis.MessageLevel.Warning)
         return None
 
+    def _selected_rasters(self) -> List[QgsRasterLayer]:
+        """The raster layers selected in the Layers panel (none when the panel is not there)."""
+        view = self.iface.layerTreeView() if hasattr(self.iface, "layerTreeView") else None
+        selected = view.selectedLayers() if view is not None else []
+        return [layer for layer in selected or [] if isinstance(layer, QgsRasterLayer)]
+
     @_guarded
     def _segment_current(self):
+        """"Segment with SRMF": the active raster layer; with several raster layers selected, each of them
+        (one background task per layer, each cancellable; the results in one layer-tree group)."""
+        selected = self._selected_rasters()
+        if len(selected) > 1:
+            group = f"SRMF classes ({len(selected)} layers)"
+            return [self.segment_layer(layer, group=group) for layer in selected]
         layer = self._current_raster()
         return self.segment_layer(layer) if layer is not None else None
 
@@ -147,7 +159,8 @@ class SRMFPlugin:
         return self.open_finetune_dialog(layer) if layer is not None else None
 
     # -- actions -----------------------------------------------------------------------------------
-    def segment_layer(self, layer: QgsRasterLayer, model: Optional[str] = None, **params) -> Optional[AlgorithmJob]:
+    def segment_layer(self, layer: QgsRasterLayer, model: Optional[str] = None, group: Optional[str] = None,
+                      **params) -> Optional[AlgorithmJob]:
         """"Segment with SRMF": srmf:segment on ``layer`` as a background task (the last-used model, else
         the default); the styled class raster is added to the project when it is done."""
         try:
@@ -157,14 +170,14 @@ class SRMFPlugin:
             return None
         job = AlgorithmJob("srmf:segment", parameters, f"SRMF: segmenting {layer.name()}", JobFeedback())
         name = f"{layer.name()} \u2014 SRMF classes"
-        job.finished.connect(lambda ok, results, error: self._segment_done(job, name, ok, results, error))
+        job.finished.connect(lambda ok, results, error: self._segment_done(job, name, ok, results, error, group))
         self.jobs.append(job)
         self._message(f"Segmenting '{layer.name()}' with {Path(parameters['MODEL']).name if parameters['MODEL'] else 'the default model'}"
                       " \u2014 progress in the task manager (bottom right).", Qgis.MessageLevel.Info, 5)
         return job.start()
 
     @_guarded
-    def _segment_done(self, job, name, ok, results, error):
+    def _segment_done(self, job, name, ok, results, error, group=None):
         if job in self.jobs:
             self.jobs.remove(job)
         if not ok:
@@ -177,7 +190,7 @@ class SRMFPlugin:
         out = results.get("OUTPUT")
         # The engine's class table (colours and names), not the raster's GDAL metadata (issue 17: GDAL 3.6
         # returns no category names on a freshly opened GeoTIFF, and every class was painted grey).
-        layer = add_class_raster(out, name, result_classes(results))
+        layer = add_class_raster(out, name, result_classes(results), group=group)
         job.layer = layer
         areas = results.get("CLASS_AREAS") or []
         if areas and areas[0].get("area_ha") is not None:

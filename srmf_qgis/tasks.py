@@ -126,12 +126,21 @@ def default_output_path(source: str, suffix: str = "_srmf_classes", ext: str = "
     return str(candidate)
 
 
-def add_class_raster(path: str, name: str, classes=None, project: Optional[QgsProject] = None) -> QgsRasterLayer:
-    """Add a class raster to the project, styled (its .qml is loaded; ``classes`` re-apply the palette)."""
+def add_class_raster(path: str, name: str, classes=None, project: Optional[QgsProject] = None,
+                     group: Optional[str] = None) -> QgsRasterLayer:
+    """Add a class raster to the project, styled (its .qml is loaded; ``classes`` re-apply the palette); with
+    ``group``, into the layer-tree group of that name (made at the top when missing)."""
     layer = QgsRasterLayer(path, name, "gdal")
     if classes:
         styling.style_class_layer(layer, classes)
-    (project or QgsProject.instance()).addMapLayer(layer)
+    project = project or QgsProject.instance()
+    if group is None:
+        project.addMapLayer(layer)
+        return layer
+    project.addMapLayer(layer, False)
+    root = project.layerTreeRoot()
+    node = root.findGroup(group) or root.insertGroup(0, group)
+    node.addLayer(layer)
     return layer
 
 

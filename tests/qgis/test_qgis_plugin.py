@@ -92,6 +92,40 @@ def test_segment_with_srmf_adds_a_styled_layer(plugin, qgis_iface, clean_project
     assert params["OUTPUT"].endswith("OSBS_029_srmf_classes_2.tif")
 
 
+def test_segment_with_several_layers_selected_segments_each_into_one_group(plugin, qgis_iface, clean_project,
+                                                                          osbs_copy, tmp_path, monkeypatch):
+    """Two real rasters selected in the Layers panel (NEON RGB, SpaceNet pan): "Segment with SRMF" starts one
+    background task each and puts both styled class rasters in one group."""
+    import shutil
+
+    from srmf_qgis_testing import ATLANTA
+
+    atlanta = tmp_path / "atlanta.tif"
+    shutil.copy(ATLANTA, atlanta)
+    layers = [QgsRasterLayer(str(osbs_copy), "OSBS", "gdal"), QgsRasterLayer(str(atlanta), "Atlanta", "gdal")]
+    for layer in layers:
+        QgsProject.instance().addMapLayer(layer)
+
+    class View:  # the Layers panel with both layers selected
+        def selectedLayers(self):  # noqa: N802
+            return layers
+
+    monkeypatch.setattr(qgis_iface, "layerTreeView", lambda: View(), raising=False)
+    qgis_iface.setActiveLayer(layers[0])
+    plugin.layer_actions["segment"].trigger()
+    jobs = list(plugin.jobs)
+    assert len(jobs) == 2 and all(j.task in QgsApplication.taskManager().tasks() for j in jobs)
+    wait_for(lambda: all(j.done and (getattr(j, "layer", None) is not None or not j.ok) for j in jobs),
+             what="both segmentation tasks")
+    assert all(j.ok for j in jobs), [j.error for j in jobs]
+    group = QgsProject.instance().layerTreeRoot().findGroup("SRMF classes (2 layers)")
+    assert group is not None
+    names = sorted(child.layer().name() for child in group.findLayers())
+    assert names == ["Atlanta \u2014 SRMF classes", "OSBS \u2014 SRMF classes"]
+    for child in group.findLayers():
+        assert child.layer().renderer().type() == "paletted"
+
+
 def test_segment_visible_extent_segments_the_part_the_map_shows(plugin, qgis_iface, clean_project, osbs_copy):
     """The context menu's "Segment visible extent with SRMF" on the real NEON raster zoomed to its north-west
     part: the class raster covers that part (within the visible extent, on the layer's pixel grid)."""
