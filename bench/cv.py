@@ -69,16 +69,10 @@ def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, devic
 
 
 def _train(train, val, config, arch, output: Path, device: str, rep) -> dict:
-    from bench.recipes import _BaseStub
-    from core.classtable import dubai_class_table
-    from core.finetune.job import finetune
-    from core.model.modelfile import DEFAULT_INPUT
+    from bench.recipes import train_default
 
-    classes = [dict(c) for c in dubai_class_table().to_header()]
-    base = _BaseStub({"input": DEFAULT_INPUT, "classes": classes})
     try:
-        return finetune(output, images=train, classes=classes, base_model=base, config=config, device=device,
-                        val_images=val, overwrite=True, reporter=rep, architecture=arch)
+        return train_default(output, config, device, rep, arch, train=train, val=val)
     finally:
         output.unlink(missing_ok=True)  # the figures are the product, not 15 MB per run
 

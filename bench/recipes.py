@@ -43,8 +43,9 @@ def _dubai(tiles, exclude_bad=True):
     return load_dubai(tiles, exclude_bad=exclude_bad)
 
 
-def train_default(output: Path, config, device: str = "auto", reporter=None, arch=None) -> dict:
-    """Train the embedded default model (EfficientNet-Lite0 ImageNet + MiniLM text bank) on Dubai."""
+def train_default(output: Path, config, device: str = "auto", reporter=None, arch=None, train=None, val=None) -> dict:
+    """Train the embedded default model (EfficientNet-Lite0 ImageNet + MiniLM text bank) on Dubai: on
+    :data:`TRAIN_TILES`, validated on :data:`VAL_TILE`, unless ``train`` / ``val`` images are given."""
     from core.classtable import dubai_class_table
     from core.finetune.job import finetune
     from core.model.modelfile import DEFAULT_INPUT
@@ -53,15 +54,19 @@ def train_default(output: Path, config, device: str = "auto", reporter=None, arc
     rep = reporter or Reporter()
     table = dubai_class_table()
     classes = [dict(c) for c in table.to_header()]
-    train = _dubai(TRAIN_TILES)
-    val = _dubai([VAL_TILE], exclude_bad=False)
+    if train is None:
+        train, val = _dubai(TRAIN_TILES), _dubai([VAL_TILE], exclude_bad=False)
+        described = (f"train {', '.join(TRAIN_TILES)} ({len(train)} images, tile_7/image_part_008 excluded); "
+                     f"validation: whole {VAL_TILE}")
+    else:
+        described = (f"train {', '.join(sorted({im.group for im in train}))} ({len(train)} images); validation: "
+                     f"whole {', '.join(sorted({im.group for im in val}))}")
     arch = arch or {"backbone": "efficientnet_lite0", "text_fusion": True, "encoder_weights": "imagenet",
                     "text_encoder": "minilm", "gsd_m": DUBAI_GSD_M}
     base = _BaseStub({"input": DEFAULT_INPUT, "classes": classes})
     return finetune(output, images=train, classes=classes, base_model=base, config=config, device=device,
                     val_images=val, overwrite=True, reporter=rep, architecture=arch,
-                    data_description=[f"Dubai aerial (Humans in the Loop / MBRSC, CC0): train {', '.join(TRAIN_TILES)} "
-                                      f"({len(train)} images, tile_7/image_part_008 excluded); validation: whole {VAL_TILE}"])
+                    data_description=[f"Dubai aerial (Humans in the Loop / MBRSC, CC0): {described}"])
 
 
 class _BaseStub:

@@ -107,7 +107,13 @@ class _MaskedReader:
         mem.SetGeoTransform((gt[0] + y0 * gt[2], gt[1], gt[2], gt[3] + y0 * gt[5], gt[4], gt[5]))
         if self.srs is not None:
             mem.SetSpatialRef(self.srs)
-        gdal.RasterizeLayer(mem, [1], self.layer, burn_values=[1])
+        xs = [gt[0] + c * gt[1] + r * gt[2] for c in (0, self.width) for r in (y0, y0 + rows)]
+        ys = [gt[3] + c * gt[4] + r * gt[5] for c in (0, self.width) for r in (y0, y0 + rows)]
+        self.layer.SetSpatialFilterRect(min(xs), min(ys), max(xs), max(ys))  # only the strip's polygons
+        try:
+            gdal.RasterizeLayer(mem, [1], self.layer, burn_values=[1])
+        finally:
+            self.layer.SetSpatialFilter(None)
         band = mem.GetRasterBand(1)
         out = band.ReadAsArray() > 0
         band = mem = None

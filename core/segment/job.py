@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from core.errors import InputError
-from core.segment.polygons import write_class_polygons
+from core.segment.polygons import min_pixels as polygon_unit, write_class_polygons
 from core.segment.resolution import parse_resolution, processing_grid, resampled_view
 from core.windows import (RowBlock, SlidePlan, WindowPredictor, check_inference_args, open_inference,
                           stream_segmentation)
@@ -100,7 +100,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
     poly = _check_polygons(polygons, out, prob, overwrite)
     ds, aoi = _open_input(input_path, [out, prob, poly], extent, mask, rep)
-    threshold = 0 if poly is None else _min_pixels(ds, min_area_m2, min_pixels)
+    threshold = 0 if poly is None else polygon_unit(ds, min_area_m2, min_pixels)
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
@@ -117,8 +117,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
             stats = stream_segmentation(reader.read, job.plan, predictor, K, inp["mean"], inp["std"], job.batch, write,
                                         progress=lambda f: rep.progress(f, "segmenting"), prefetch=prefetch)
         else:
-            stats = _segment_resampled(job, reader, predictor, ds, input_path, out, grid, write, outputs, rep, prefetch,
-                                       aoi)
+            stats = _segment_resampled(job, reader, predictor, ds, input_path, out, grid, write, rep, prefetch, aoi)
         for o in outputs:  # all closed (a full disk fails here) before any is published: all or none
             o.close()
         if poly is not None:  # from the finished class raster, before it is published
@@ -158,12 +157,6 @@ def _check_polygons(polygons, out: Path, prob: Optional[Path], overwrite: bool) 
     if poly.resolve() in {out.resolve(), prob.resolve() if prob else None}:
         raise InputError("--polygons must differ from the other outputs")
     return poly
-
-
-def _min_pixels(ds, min_area_m2, min_pixels_) -> int:
-    from core.segment.polygons import min_pixels
-
-    return min_pixels(ds, min_area_m2, min_pixels_)
 
 
 def _open_input(input_path, outputs, extent, mask, rep):
@@ -207,8 +200,8 @@ def _processing(grid, why: str) -> dict:
             "width": grid.width, "height": grid.height, "resampling": grid.resampling, "note": why}
 
 
-def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, write, outputs: list, rep,
-                       prefetch: bool, aoi=None) -> dict:
+def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, write, rep, prefetch: bool,
+                       aoi=None) -> dict:
     """Resolution-aware inference (:mod:`core.segment.resolution`). Pass 1 streams the windows over the
     resampled view and writes their averaged logits (float32, K bands, NaN = no vote or nodata) to a
     temporary GeoTIFF on the processing grid; pass 2 reads them back strip by strip, resampled bilinearly
@@ -217,14 +210,26 @@ def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, 
     (nodata only when that one is nodata too). Memory stays bounded by a strip in both passes; the temporary file is removed at the end."""
     from osgeo import gdal
 
-    from core.geo.failures import reading
-    from core.geo.raster import GTIFF_OPTIONS, AtomicGeoTIFF, BandScaling, StripReader
+    from core.geo.raster import GTIFF_OPTIONS, AtomicGeoTIFF
 
-    K, inp, view = job.lm.num_classes, job.input, job.ds
+    K, view = job.lm.num_classes, job.ds
     logits = AtomicGeoTIFF(out.with_name(out.stem + "-logits.tif"), None, K, gdal.GDT_Float32,
                            list(GTIFF_OPTIONS) + ["PREDICTOR=3"], size=(grid.width, grid.height),
                            geotransform=view.GetGeoTransform(can_return_null=True), srs=view.GetSpatialRef())
-    outputs.append(_Scratch(logits))  # removed with the outputs on failure, and after pass 2
+    try:  # the temporary logits are removed whatever happens
+        return _two_passes(job, reader, predictor, ds, input_path, grid, write, rep, prefetch, aoi, logits)
+    finally:
+        logits.discard()
+
+
+def _two_passes(job, reader, predictor, ds, input_path, grid, write, rep, prefetch, aoi, logits) -> dict:
+    """The two passes of :func:`_segment_resampled` through the temporary GeoTIFF ``logits``."""
+    from osgeo import gdal
+
+    from core.geo.failures import reading
+    from core.geo.raster import BandScaling, StripReader
+
+    K, inp = job.lm.num_classes, job.input
     for k in range(K):
         logits.band(k + 1).SetNoDataValue(float("nan"))
 
@@ -262,25 +267,7 @@ def _segment_resampled(job, reader, predictor, ds, input_path, out: Path, grid, 
         acc = torch.from_numpy(np.where(finite, lg, 0.0).astype(np.float32))
         write(y0, RowBlock(acc, torch.from_numpy(finite.astype(np.float32)), valid))
         rep.progress(0.9 + 0.1 * (y0 + n) / H, "writing on the input's grid")
-    back = near = src = None
-    logits.discard()
     return stats
-
-
-class _Scratch:
-    """A temporary GeoTIFF among a run's outputs: closed with them, never published, removed on failure."""
-
-    def __init__(self, tif):
-        self.tif = tif
-
-    def close(self) -> None:
-        pass
-
-    def publish(self) -> None:
-        self.tif.discard()
-
-    def discard(self) -> None:
-        self.tif.discard()
 
 
 def _limit_gdal_cache() -> None:

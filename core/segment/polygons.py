@@ -54,11 +54,10 @@ def min_pixels(ds, min_area_m2: Optional[float], min_pixels_: Optional[int]) -> 
 
 def pixel_area_m2(ds) -> Optional[float]:
     """The area of one pixel in m² (projected CRS), or None."""
-    gt = ds.GetGeoTransform(can_return_null=True)
-    srs = ds.GetSpatialRef()
-    if gt is None or srs is None or not srs.IsProjected():
-        return None
-    return abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
+    from core.geo.raster import pixel_size_m
+
+    side = pixel_size_m(ds)
+    return None if side is None else side * side
 
 
 def write_class_polygons(class_raster, out_path, classes: Sequence[dict], threshold: int, rep=None) -> dict:

@@ -74,7 +74,9 @@ def raster_gsd_m(ds, pixel_size: Optional[float] = None) -> Optional[float]:
     if area <= 0:
         return None
     if srs.IsProjected():
-        return math.sqrt(area) * srs.GetLinearUnits()
+        from core.geo.raster import pixel_size_m
+
+        return pixel_size_m(ds)
     if srs.IsGeographic():
         lat = math.radians(gt[3] + gt[4] * ds.RasterXSize / 2 + gt[5] * ds.RasterYSize / 2)
         w = 1.0 - _WGS84_E2 * math.sin(lat) ** 2
