@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON_SYS ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-qgis qgis-providers qgis gdal-bin python3-gdal python3-scipy python3-venv python3-pip xvfb
+APT_PACKAGES := gdal-bin python3-gdal python3-scipy python3-venv python3-pip xvfb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEFAULT_MODEL := resources/models/default.srmf
 export QT_QPA_PLATFORM ?= offscreen
@@ -15,14 +15,52 @@ export PYTHONPATH := $(CURDIR):/usr/share/qgis/python/plugins:$(PYTHONPATH)
 
 install: apt venv default-model
 
-# Debian packages: QGIS 3.22 with its Python bindings, GDAL, Xvfb for UI tests.
+# Debian packages: QGIS 3.40 LTR from Debian's bookworm-backports suite (the suite is added for Debian's
+# own archive if missing) with its Python bindings, GDAL, Xvfb for UI tests. Debian 12's own QGIS 3.22 is
+# kept for `make test-qgis-322` (qgis-322 below): its versioned libraries (libqgis-*3.22.16) install
+# beside 3.40's; only its unversioned packages would replace 3.40's, so those are unpacked into a folder.
+BACKPORTS_LIST := /etc/apt/sources.list.d/srmf-bookworm-backports.sources
+QGIS_BACKPORTS := qgis python3-qgis qgis-providers
+QGIS322_VERSION := 3.22.16+dfsg-1
+QGIS322_LIBS := libqgis-core3.22.16 libqgis-gui3.22.16 libqgis-analysis3.22.16 libqgis-3d3.22.16 \
+  libqgis-server3.22.16 libqgis-native3.22.16 libqgispython3.22.16
+QGIS_VERSION_WANTED := 3.40
 apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then \
+	  echo "Adding Debian's bookworm-backports suite ($(BACKPORTS_LIST))"; \
+	  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	    | $(SUDO) tee $(BACKPORTS_LIST) >/dev/null; \
+	  $(SUDO) apt-get update -q; \
+	fi
+	@missing=$$(for p in $(APT_PACKAGES) $(QGIS322_LIBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages: $$missing"; \
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@installed=$$(dpkg-query -W -f='$${Version}' python3-qgis 2>/dev/null); \
+	case "$$installed" in $(QGIS_VERSION_WANTED).*) ;; *) \
+	  echo "Installing QGIS $(QGIS_VERSION_WANTED) from bookworm-backports (found $$installed)"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+	    -t bookworm-backports $(QGIS_BACKPORTS);; \
+	esac
+
+# QGIS 3.22's unversioned packages (Python bindings, providers, resources) unpacked into $(QGIS322); the
+# 3.22 run points QGIS_PREFIX_PATH and PYTHONPATH there and loads the installed libqgis-*3.22.16.
+QGIS322 ?= $(CURDIR)/.qgis-3.22
+QGIS322_DEBS := python3-qgis python3-qgis-common qgis-providers qgis-providers-common qgis-common
+.PHONY: qgis-322
+qgis-322: $(QGIS322)/.unpacked
+
+$(QGIS322)/.unpacked: | apt
+	rm -rf $(QGIS322) && mkdir -p $(QGIS322)/debs
+	cd $(QGIS322)/debs && apt-get download -q $(foreach p,$(QGIS322_DEBS),$(p)=$(QGIS322_VERSION)) 2>&1 \
+	  | grep -v "unsandboxed as root" || true
+	for d in $(QGIS322)/debs/*.deb; do dpkg-deb -x "$$d" $(QGIS322); done
+	rm -rf $(QGIS322)/debs
+	test -f $(QGIS322)/usr/lib/python3/dist-packages/qgis/core/__init__.py
+	touch $@
 
 # A virtual environment that sees Debian's QGIS and GDAL bindings (--system-site-packages).
 venv: $(VENV)/.installed
@@ -46,10 +84,11 @@ DEMO_INPUT ?= ../shared/data/deepforest_neon_osbs/OSBS_029.tif
 demo: install
 	SRMF_PYTHON=$(abspath $(PY)) $(PY) scripts/demo.py $(DEMO_INPUT) --output demo-output
 
-test: install
+test: install qgis-322
 	$(PY) -m pytest -p no:pytest_qgis -q tests/core
 	$(QGIS_TESTS)
 	$(DESKTOP_TESTS)
+	$(QGIS322_TESTS)
 
 test-core: install
 	$(PY) -m pytest -p no:pytest_qgis -q tests/core
@@ -57,10 +96,22 @@ test-core: install
 # The QGIS side (real QGIS, pytest-qgis, offscreen) in its own pytest process: torch and QGIS never
 # share one. The engine runs in the .venv (SRMF_PYTHON). Screenshots go to tests/artifacts/.
 .PHONY: test-qgis package deploy
-QGIS_TESTS = SRMF_PYTHON=$(abspath $(PY)) QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q tests/qgis tests/ui
+# SRMF_EXPECT_QGIS makes the suite fail at once when the QGIS it imports is not the one meant.
+QGIS_TESTS = SRMF_PYTHON=$(abspath $(PY)) QT_QPA_PLATFORM=offscreen SRMF_EXPECT_QGIS=$(QGIS_VERSION_WANTED) \
+  $(PY) -m pytest -q tests/qgis tests/ui
 
 test-qgis: install
 	$(QGIS_TESTS)
+
+# The same suite on Debian 12's own QGIS 3.22 (qgisMinimumVersion in metadata.txt), unpacked by qgis-322.
+.PHONY: test-qgis-322
+QGIS322_TESTS = SRMF_PYTHON=$(abspath $(PY)) QT_QPA_PLATFORM=offscreen SRMF_EXPECT_QGIS=3.22 \
+  QGIS_PREFIX_PATH=$(QGIS322)/usr \
+  PYTHONPATH=$(CURDIR):$(QGIS322)/usr/lib/python3/dist-packages:$(QGIS322)/usr/share/qgis/python/plugins \
+  $(PY) -m pytest -q -p no:cacheprovider tests/qgis tests/ui
+
+test-qgis-322: install qgis-322
+	$(QGIS322_TESTS)
 
 # The real QGIS desktop application (the Debian package qgis) on a virtual X display (xvfb-run), with a
 # throw-away profile that links this checkout as the plugin: the context menu, the Raster menu, the

@@ -62,7 +62,9 @@ def classes_from_raster(path) -> List[dict]:
     """
     from osgeo import gdal
 
-    ds = gdal.Open(str(path))
+    from .compat import gdal_open
+
+    ds, _ = gdal_open(path, gdal.OF_RASTER)
     if ds is None:
         return []
     band = ds.GetRasterBand(1)  # ds stays referenced while the band is used (GDAL < 3.8)
@@ -162,10 +164,11 @@ CANDIDATE_STATUSES = (("pending", "pending review", "#FFD400"), ("accepted", "ac
 def relevance_renderer(layer: QgsRasterLayer, threshold: Optional[float] = None):
     """A single-band pseudocolour ("Viridis") stretched over the scores; cells below ``threshold`` (the
     calibrated one) are drawn transparent so what remains is where the class likely is."""
-    from qgis.core import (QgsColorRampShader, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle,
-                           QgsRasterBandStats)
+    from qgis.core import QgsColorRampShader, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle
 
-    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Stats.Min | QgsRasterBandStats.Stats.Max)
+    # All statistics (one pass, as for min/max alone): on QGIS 3.40 sip resolves an explicit
+    # Qgis.RasterBandStatistic argument to the deprecated int overload
+    stats = layer.dataProvider().bandStatistics(1)
     lo, hi = float(stats.minimumValue), float(stats.maximumValue)
     if threshold is not None and lo < threshold < hi:
         lo = float(threshold)

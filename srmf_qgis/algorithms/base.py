@@ -213,12 +213,9 @@ def unreadable_layer_file(path: str, what: str) -> Optional[str]:
         return f"{what}: the file {file} does not exist."
     from osgeo import gdal
 
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        ds = gdal.OpenEx(file, gdal.OF_RASTER | gdal.OF_VECTOR)
-        reason = gdal.GetLastErrorMsg()
-    finally:
-        gdal.PopErrorHandler()
+    from ..compat import gdal_open
+
+    ds, reason = gdal_open(file, gdal.OF_RASTER | gdal.OF_VECTOR)
     if ds is None:
         return (f"{what}: {file} is not a raster GDAL can read, nor a vector file (corrupt, truncated or another "
                 f"kind of file)" + (f": {reason}" if reason else "."))

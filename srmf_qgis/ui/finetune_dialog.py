@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from qgis.core import Qgis, QgsMapLayerProxyModel, QgsRasterLayer, QgsVectorLayer
+from qgis.core import Qgis, QgsRasterLayer, QgsVectorLayer
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QFont
@@ -15,6 +15,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDialo
                                  QWidget)
 
 from .. import classtable, runtime
+from ..compat import layer_filter
 from ..classtable import ClassEntry, ClassTableError
 from ..algorithms.finetune import TRAINING_DEFAULTS
 from ..tasks import AlgorithmJob, JobFeedback
@@ -31,12 +32,13 @@ def raster_values(layer: QgsRasterLayer, limit: int = 256) -> List[ClassEntry]:
     from osgeo import gdal
 
     from .. import styling
+    from ..compat import gdal_open
     from ..layers import raster_source
 
     path = raster_source(layer, "label raster")
-    ds = gdal.Open(path)
+    ds, reason = gdal_open(path, gdal.OF_RASTER)
     if ds is None:
-        raise ValueError(f"GDAL cannot open {path}")
+        raise ValueError(f"GDAL cannot open {path}" + (f": {reason}" if reason else ""))
     band = ds.GetRasterBand(1)
     if band.DataType not in (gdal.GDT_Byte, gdal.GDT_UInt16, gdal.GDT_Int16, gdal.GDT_UInt32, gdal.GDT_Int32):
         raise ValueError(f"The label raster '{layer.name()}' holds {gdal.GetDataTypeName(band.DataType)} values; "
@@ -267,11 +269,11 @@ class FinetuneDialog(QDialog):
         row = self.pairs.rowCount()
         self.pairs.insertRow(row)
         rc = QgsMapLayerComboBox(self.pairs)
-        rc.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        rc.setFilters(layer_filter("RasterLayer"))
         rc.setAllowEmptyLayer(True)
         rc.setLayer(raster)
         lc = QgsMapLayerComboBox(self.pairs)
-        lc.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer | QgsMapLayerProxyModel.Filter.PolygonLayer)
+        lc.setFilters(layer_filter("RasterLayer", "PolygonLayer"))
         lc.setAllowEmptyLayer(True)
         lc.setLayer(labels)
         if raster is not None and labels is None:

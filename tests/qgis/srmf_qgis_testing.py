@@ -42,6 +42,21 @@ def pytest_configure(config):
         raise pytest.UsageError(f"The real test data is missing (../shared/data): {missing}")
     if not (ROOT / "resources" / "models" / "default.srmf").exists():
         raise pytest.UsageError("The embedded default model is missing: run `make default-model`.")
+    # a deprecated QGIS call in the plugin fails the run (QGIS 4 removes what 3.x deprecates)
+    config.addinivalue_line("filterwarnings", r"error::DeprecationWarning:srmf_qgis(\..*)?")
+    expected = os.environ.get("SRMF_EXPECT_QGIS")
+    if expected:  # make test runs this suite on two QGIS versions: fail loudly when it imported another
+        from qgis.core import Qgis
+
+        if not Qgis.QGIS_VERSION.startswith(expected + "."):
+            raise pytest.UsageError(f"SRMF_EXPECT_QGIS={expected} but this Python imports QGIS {Qgis.QGIS_VERSION} "
+                                    f"(from {Path(sys.modules['qgis'].__file__).parent})")
+
+
+def pytest_report_header(config):
+    from qgis.core import Qgis
+
+    return f"QGIS {Qgis.QGIS_VERSION} from {Path(sys.modules['qgis'].__file__).parent}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -208,13 +223,13 @@ def atlanta_polygon_labels(tmp_path_factory, qgis_app) -> Path:
     """Real SpaceNet building polygons plus the rest of the image as one "other" polygon, field "class"."""
     from qgis.core import (QgsFeature, QgsField, QgsGeometry, QgsRasterLayer, QgsVectorFileWriter,
                            QgsVectorLayer, QgsCoordinateTransformContext)
-    from qgis.PyQt.QtCore import QVariant
+    from srmf_qgis.compat import field_type
 
     buildings = QgsVectorLayer(str(ATLANTA_BUILDINGS), "buildings", "ogr")
     raster = QgsRasterLayer(str(ATLANTA), "atlanta", "gdal")
     assert buildings.isValid() and raster.isValid()
     mem = QgsVectorLayer(f"Polygon?crs={buildings.crs().authid()}", "labels", "memory")
-    mem.dataProvider().addAttributes([QgsField("class", QVariant.String)])
+    mem.dataProvider().addAttributes([QgsField("class", field_type("String"))])
     mem.updateFields()
     geoms = [f.geometry() for f in buildings.getFeatures()]
     feats = []

@@ -44,10 +44,15 @@ def problems(source: str, name: str = "<module>") -> list:
                 out.append(f"{name}:{node.lineno} QVariant.Type (gone in Qt 6: srmf_qgis.compat.field_type)")
             value = getattr(cls, node.attr, None)
             kind = type(value)
-            if value is not None and not isinstance(value, type) and kind.__name__ != node.attr \
-                    and getattr(cls, kind.__name__, None) is kind:
+            if value is None or isinstance(value, type) or kind.__name__ == node.attr:
+                continue
+            # the enum's scope on the class: its own name (Qgis.MessageLevel), or an alias of it
+            # (QGIS 3.40 moved QgsProcessingParameterNumber.Type to Qgis.ProcessingNumberParameterType)
+            scopes = [kind.__name__] if getattr(cls, kind.__name__, None) is kind else \
+                [a for a in dir(cls) if a[:1].isupper() and getattr(cls, a, None) is kind]
+            if scopes and node.attr not in scopes:
                 out.append(f"{name}:{node.lineno} {node.value.id}.{node.attr} is unscoped "
-                           f"({node.value.id}.{kind.__name__}.{node.attr})")
+                           f"({node.value.id}.{scopes[0]}.{node.attr})")
     return out
 
 
