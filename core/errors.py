@@ -78,6 +78,22 @@ def read_error(path, exc: BaseException, what: str = "raster") -> ReadError:
                      f"(GDAL: {text}). Check the file (gdalinfo -checksum) or copy it again.")
 
 
+def web_read_error(path, exc: BaseException, attempts: int) -> ReadError:
+    """The :class:`ReadError` for a web map layer (GDAL's WMS/WMTS drivers) whose server did not answer or
+    refused tiles, after ``attempts`` tries: names the service description ``path`` and GDAL's message (the
+    tile's URL, the HTTP status), without GDAL's advice about ``<ZeroBlockHttpCodes>`` (not for analysts)."""
+    import re
+
+    text = (str(exc) or exc.__class__.__name__).strip()
+    if text.startswith(f"{path}, "):
+        text = text[len(f"{path}, "):]
+    text = re.sub(r"\s*Add the HTTP status code to <ZeroBlockHttpCodes>.*$", "", text, flags=re.S)
+    text = re.sub(r"\s+", " ", text).strip()
+    return ReadError(f"Cannot read the web map layer {path}: its server did not answer or refused tiles "
+                     f"({attempts} attempt{'s' if attempts != 1 else ''}; GDAL: {text}). Check the network and the "
+                     "layer's address, or try again later.")
+
+
 def io_errno(exc: BaseException):
     """The errno of an I/O failure: ``exc.errno`` of an OSError, or the ``(os error N)`` that Rust-backed
     writers (safetensors) put in their message; None when ``exc`` is not an I/O failure."""

@@ -13,6 +13,7 @@ from .algorithms.base import icon
 from .layers import RASTER_TYPE
 from .provider import SRMFProvider
 from .tasks import AlgorithmJob, JobFeedback, add_class_raster, result_classes, segment_parameters
+from .web import is_web_layer
 
 MENU = "&SRMF"
 
@@ -129,6 +130,8 @@ class SRMFPlugin:
             group = f"SRMF classes ({len(selected)} layers)"
             return [self.segment_layer(layer, group=group) for layer in selected]
         layer = self._current_raster()
+        if layer is not None and is_web_layer(layer):  # a web layer covers the world: the part the map shows
+            return self._segment_visible(layer)
         return self.segment_layer(layer) if layer is not None else None
 
     @_guarded
@@ -138,8 +141,9 @@ class SRMFPlugin:
         from qgis.core import QgsReferencedRectangle
 
         layer = self._current_raster()
-        if layer is None:
-            return None
+        return self._segment_visible(layer) if layer is not None else None
+
+    def _segment_visible(self, layer):
         canvas = self.iface.mapCanvas()
         extent = canvas.extent() if canvas is not None else None
         if extent is None or extent.isEmpty():

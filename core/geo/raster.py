@@ -7,6 +7,7 @@ CRS and geotransform, written to a temporary file beside the target and renamed 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -234,6 +235,11 @@ class StripReader:
     value no model input can take; issue 13: a NaN pixel otherwise poisons its whole window).
     """
 
+    #: extra attempts at a strip whose read fails, and the first pause (doubled each time), in seconds: set
+    #: for web map layers (:func:`core.geo.web.retry_reads`), whose servers drop requests; 0 for files
+    retries = 0
+    retry_delay_s = 1.0
+
     def __init__(self, ds: gdal.Dataset, bands: Sequence[int], scaling: BandScaling, name=None):
         self.ds = ds
         self.name = name or ds.GetDescription()  # the file, for messages
@@ -253,10 +259,22 @@ class StripReader:
             bool (rows, width), or ``None`` when the raster has no nodata at all.
 
         Raises:
-            ReadError: GDAL cannot read the strip (a truncated or damaged file), naming it.
+            ReadError: GDAL cannot read the strip (a truncated or damaged file; a web server that did not
+                answer ``1 + retries`` times), naming it.
         """
-        with reading(self.name):
-            return self._read(y0, min(rows, self.height - y0))
+        rows = min(rows, self.height - y0)
+        if not self.retries:
+            with reading(self.name):
+                return self._read(y0, rows)
+        from core.errors import web_read_error
+
+        for attempt in range(self.retries + 1):
+            try:
+                return self._read(y0, rows)
+            except RuntimeError as exc:  # GDAL could not fetch some tiles: they are asked for again
+                if attempt == self.retries:
+                    raise web_read_error(self.name, exc, attempt + 1) from None
+                time.sleep(self.retry_delay_s * 2 ** attempt)
 
     def _read(self, y0: int, rows: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         raw = {}
@@ -369,7 +387,56 @@ def pixel_size_m(ds) -> Optional[float]:
     if gt is None or srs is None or srs.IsGeographic() or not srs.IsProjected():
         return None
     area = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
-    return float(area ** 0.5) if area > 0 else None
+    return float(area ** 0.5) * ground_scale(ds) if area > 0 else None
+
+
+GROUND_SCALE_TOLERANCE = 0.01  # a projection within 1 % of true scale (UTM: 0.04 %) is taken at its word
+
+
+def ground_scale(ds) -> float:
+    """Ground metres per metre of a projected CRS at the raster's centre: 1.0 when the projection's scale
+    there is within :data:`GROUND_SCALE_TOLERANCE` of true (UTM and national grids), else the measured factor —
+    Web Mercator (EPSG:3857, the CRS of XYZ tiles) stretches by 1/cos(latitude): one of its "metres" is 0.82
+    ground metres at 35° latitude, 0.5 at 60°. Measured, not assumed: the centre pixel's sides are
+    transformed to longitude/latitude and measured on the CRS's ellipsoid (the mean of both directions; a
+    conformal projection scales both alike).
+
+    Returns 1.0 for a raster without geotransform or projected CRS, or where the transformation fails.
+    """
+    import math
+
+    from osgeo import osr
+
+    gt = ds.GetGeoTransform(can_return_null=True)
+    srs = ds.GetSpatialRef()
+    if gt is None or srs is None or not srs.IsProjected():
+        return 1.0
+    try:
+        geo = srs.CloneGeogCS()
+        geo.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        tr = osr.CoordinateTransformation(srs, geo)
+        cx, cy = ds.RasterXSize / 2.0, ds.RasterYSize / 2.0
+        pts = [(gt[0] + c * gt[1] + r * gt[2], gt[3] + c * gt[4] + r * gt[5]) for c, r in ((cx, cy), (cx + 1, cy), (cx, cy + 1))]
+        (lon0, lat0, _), (lon1, lat1, _), (lon2, lat2, _) = tr.TransformPoints(pts)
+    except RuntimeError:
+        return 1.0
+    a, inv_f = srs.GetSemiMajor(), srs.GetInvFlattening()
+    e2 = 0.0 if not inv_f else (2.0 - 1.0 / inv_f) / inv_f
+    phi = math.radians(lat0)
+    w = 1.0 - e2 * math.sin(phi) ** 2
+    m_lat = math.radians(1.0) * a * (1.0 - e2) / w ** 1.5
+    m_lon = math.radians(1.0) * a * math.cos(phi) / math.sqrt(w)
+
+    def ground(lon, lat):
+        return math.hypot((lon - lon0) * m_lon, (lat - lat0) * m_lat)
+
+    unit = srs.GetLinearUnits()
+    side_x = math.hypot(gt[1], gt[4]) * unit
+    side_y = math.hypot(gt[2], gt[5]) * unit
+    if side_x <= 0 or side_y <= 0:
+        return 1.0
+    k = 0.5 * (ground(lon1, lat1) / side_x + ground(lon2, lat2) / side_y)
+    return 1.0 if not math.isfinite(k) or k <= 0 or abs(k - 1.0) <= GROUND_SCALE_TOLERANCE else float(k)
 
 
 def resolution_warning(raster_gsd_m: Optional[float], model_gsd_m: Optional[float], factor: float = 2.0) -> Optional[str]:

@@ -44,7 +44,13 @@ def class_areas(ds, counts: np.ndarray, classes: Sequence[dict]) -> Tuple[List[d
         note = ("the raster's CRS is geographic (degrees): areas in m² would be wrong, so they are left "
                 "out; reproject to a projected CRS for areas")
     else:
-        pixel_m2 = abs(gt[1] * gt[5] - gt[2] * gt[4]) * srs.GetLinearUnits() ** 2
+        from core.geo.raster import ground_scale
+
+        k = ground_scale(ds)
+        pixel_m2 = abs(gt[1] * gt[5] - gt[2] * gt[4]) * (srs.GetLinearUnits() * k) ** 2
+        if k != 1.0:
+            note = (f"areas in m² corrected for the projection's scale at the raster's centre (one CRS metre is "
+                    f"{k:.4f} m on the ground there; the scale varies across a large raster)")
     rows = []
     for c in classes:
         n = int(counts[int(c["id"])])
@@ -136,7 +142,11 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
 
 def _reader_and_predictor(job, ds, input_path, aoi, tta: bool, rep):
     """The job's strip reader (masked by the area of interest's polygons) and its window predictor, logged."""
+    from core.geo import web
+
     reader = job.strip_reader(rep)
+    if web.from_web(ds):
+        web.retry_reads(reader, input_path)
     if aoi is not None:
         reader = aoi.masked(reader, job.ds)
     _log_job(job, ds, input_path, reader.masked, rep)
@@ -163,16 +173,18 @@ def _open_input(input_path, outputs, extent, mask, rep):
     """The raster to segment (:func:`~core.geo.raster.open_image`), refused when an output is a file it reads,
     and its area of interest (:func:`~core.geo.aoi.area_of_interest`): ``(dataset, aoi or None)`` — with an
     area, the dataset is the virtual subset of the input's grid that covers it."""
+    from core.geo import web
     from core.geo.aoi import area_of_interest
     from core.geo.raster import check_not_read, open_image
 
     ds = open_image(input_path, rep.log)
     check_not_read(outputs, [(ds, input_path)])
     aoi = area_of_interest(ds, input_path, extent, mask, rep.log)
+    web.check_area(ds, input_path, aoi)
     if aoi is None:
         return ds, None
     rep.log(aoi.describe(ds.RasterXSize, ds.RasterYSize))
-    return aoi.subset(ds), aoi
+    return (web.mark(aoi.subset(ds)) if web.is_web(ds) else aoi.subset(ds)), aoi
 
 
 def _at_resolution(job, ds, resolution, pixel_size, rep):
@@ -226,6 +238,7 @@ def _two_passes(job, reader, predictor, ds, input_path, grid, write, rep, prefet
     """The two passes of :func:`_segment_resampled` through the temporary GeoTIFF ``logits``."""
     from osgeo import gdal
 
+    from core.geo import web
     from core.geo.failures import reading
     from core.geo.raster import BandScaling, StripReader
 
@@ -250,6 +263,8 @@ def _two_passes(job, reader, predictor, ds, input_path, grid, write, rep, prefet
     near = gdal.Translate("", src, format="VRT", width=W, height=H, resampleAlg="nearest")
     native = StripReader(ds, job.bands, BandScaling(np.zeros(len(job.bands)), np.full(len(job.bands), 255.0),
                                                     0.0, 255.0, True, []), name=input_path)
+    if web.from_web(ds):  # the input's own pixels again (its mask): the same server
+        web.retry_reads(native, input_path)
     if aoi is not None:
         native = aoi.masked(native, ds)
     rows = max(1, min(H, (32 << 20) // max(1, 4 * K * W)))

@@ -14,7 +14,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
                        QgsProcessingUtils, QgsWkbTypes, QgsCoordinateReferenceSystem, QgsVectorLayer)
 
 from ..compat import field_type
-from .. import runtime, styling
+from .. import runtime, styling, web
 from ..layers import raster_source
 from .base import ScaledFeedback, SRMFAlgorithm, _is_null, absolute, advanced
 
@@ -39,6 +39,14 @@ mask's polygons the classes are nodata); only the tiles that touch it are read a
 <b>Precision</b> (advanced): automatic runs the decode
 head in bf16 where the CPU or GPU does so natively, after checking the first batch against float32;
 float32 is exact; bf16 forces it (an error where it is not native).</p>
+<p><b>Web map layers</b> (XYZ tiles such as a satellite basemap, and WMS): the layer is read from its
+server through GDAL, tile by tile, over the <b>processing extent</b> (required for a web layer; or the mask
+layer's extent) at the <b>processing resolution</b> (blank = the model's training resolution; 0 is refused:
+a web layer has no pixels of its own). XYZ tiles are read at the zoom level nearest that resolution and the
+outputs are in EPSG:3857; WMS outputs are in the layer's CRS. Tiles are cached under the QGIS profile
+(cache/srmf-web), so a second run over the same area downloads nothing; a tile the server does not give is
+asked for again (3 times, after 1, 2 and 4 s) before the run stops with the server's error, leaving no
+output. WMTS layers are not read yet. Respect the service's terms of use.</p>
 <p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
 extent and pixel grid as the input; styled with the model's class colours and names, also written
 as a .qml beside it), optional <b>class probabilities</b> (one band per class, 0-250 = 0-100 %),
@@ -104,12 +112,19 @@ class SegmentAlgorithm(SRMFAlgorithm):
 
     # ---------------------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        source, layer_name = self._input(parameters, context)
         model = self.model_path(parameters, "MODEL", context)
         output, probabilities = self._raster_outputs(parameters, context)
         polygons = self.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
-        args = self._engine_args(parameters, context, source, output, model, probabilities)
-        args += self.area_args(parameters, context, feedback)
+        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if web.is_web_layer(layer):
+            source, area, resolution = self._web_input(layer, parameters, context, model, feedback)
+            args = self._engine_args(parameters, context, source, output, model, probabilities, resolution)
+            args += ["--extent", area] + self.area_args(dict(parameters, EXTENT=None), context, feedback)
+            layer_name = layer.name()
+        else:
+            source, layer_name = self._input(parameters, context)
+            args = self._engine_args(parameters, context, source, output, model, probabilities)
+            args += self.area_args(parameters, context, feedback)
         engine_polygons = self._polygon_args(parameters, context, polygons, args)
         engine_share = 90.0 if polygons else 98.0
         result = self.run_engine("segment", args, feedback, outputs=[output, probabilities],
@@ -147,6 +162,51 @@ class SegmentAlgorithm(SRMFAlgorithm):
         source = absolute(source) if os.path.exists(source) else source
         return source, Path(source).stem
 
+    def _web_input(self, layer, parameters, context, model, feedback):
+        """A web map layer (XYZ, WMS) as a GDAL service description (:func:`srmf_qgis.web.web_source`):
+        ``(the .xml path, the engine's --extent, the --resolution in metres)``. The resolution is the RESOLUTION
+        parameter, blank = the model's training GSD; the area is the processing extent, else the mask's extent.
+
+        Raises:
+            QgsProcessingException: no extent nor mask, RESOLUTION 0 (a web layer has no pixels of its own),
+                or a blank RESOLUTION with a model that does not record its GSD.
+        """
+        from qgis.core import QgsApplication, QgsCoordinateTransform, QgsProject
+
+        from ..modelheader import read_header
+
+        value = parameters.get("RESOLUTION")
+        if value is None or (isinstance(value, str) and not value.strip()) or _is_null(value):
+            model_file = model or str(runtime.DEFAULT_MODEL)
+            try:
+                metres = float(read_header(model_file).get("gsd_m") or 0.0)
+            except (OSError, ValueError):  # an unreadable model is the engine's to report; here: no GSD known
+                metres = 0.0
+            if metres <= 0:
+                raise QgsProcessingException(
+                    f"The web layer '{layer.name()}' needs a processing resolution: the model {model_file} does not "
+                    "record the ground resolution it was trained at. Give the processing resolution in metres.")
+        else:
+            metres = self.parameterAsDouble(parameters, "RESOLUTION", context)
+            if metres <= 0:
+                raise QgsProcessingException(
+                    f"The web layer '{layer.name()}' has no pixels of its own (the server draws it at any scale): "
+                    "give the processing resolution in metres (blank: the model's own).")
+        if parameters.get("EXTENT") not in (None, "") and not _is_null(parameters.get("EXTENT")):
+            extent = self.parameterAsExtent(parameters, "EXTENT", context, layer.crs())
+        else:
+            mask = self.parameterAsVectorLayer(parameters, "MASK", context)
+            if mask is None:
+                raise QgsProcessingException(
+                    f"The web layer '{layer.name()}' covers the whole world: choose a processing extent (for "
+                    "example the map canvas extent) or a mask layer.")
+            extent = QgsCoordinateTransform(mask.crs(), layer.crs(), QgsProject.instance()).transformBoundingBox(
+                mask.extent())
+        cache = os.path.join(QgsApplication.qgisSettingsDirPath(), "cache", "srmf-web")
+        path, area, note = web.web_source(layer, extent, metres, QgsProcessingUtils.tempFolder(), cache)
+        feedback.pushInfo(note)
+        return path, area, repr(float(metres))
+
     def _raster_outputs(self, parameters, context):
         """(classified raster, class probabilities or ""), both GeoTIFF paths. Raises on another extension."""
         output = absolute(self.parameterAsOutputLayer(parameters, "OUTPUT", context))
@@ -160,7 +220,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
                                          f"extension .tif (got {probabilities}).")
         return output, probabilities
 
-    def _engine_args(self, parameters, context, source, output, model, probabilities) -> list:
+    def _engine_args(self, parameters, context, source, output, model, probabilities, resolution=None) -> list:
         """The arguments of ``python -m core segment``."""
         bands = self.parameterAsInts(parameters, "BANDS", context) if parameters.get("BANDS") else []
         args = [source, output, "--overwrite", "--device", self.device_arg(parameters, context),
@@ -173,7 +233,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
                 args += [flag, str(value)]
         if bands:
             args += ["--bands", ",".join(str(b) for b in bands)]
-        args += ["--resolution", self._resolution_arg(parameters, context)]
+        args += ["--resolution", resolution or self._resolution_arg(parameters, context)]
         if self.parameterAsBool(parameters, "TTA", context):
             args += ["--tta"]
         if probabilities:

@@ -112,8 +112,14 @@ def provider(qgis_processing):
 
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return ARTIFACTS
+    """tests/artifacts/ (the README's screenshots come from the main QGIS, 3.40); tests/artifacts/qgis-<x.y>/ when
+    another QGIS runs the suite (make test-qgis-322), so that run does not overwrite them."""
+    from qgis.core import Qgis
+
+    version = ".".join(Qgis.QGIS_VERSION.split(".")[:2])
+    folder = ARTIFACTS if version == os.environ.get("SRMF_MAIN_QGIS", "3.40") else ARTIFACTS / f"qgis-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def make_feedback(cancel_after_progress: bool = False):
