@@ -138,12 +138,12 @@ class SRMFPlugin:
     def _segment_visible_current(self):
         """"Segment visible extent with SRMF": the one-click run on the part of the layer the map shows (the
         engine's --extent; the class raster covers that part, on the layer's pixel grid)."""
-        from qgis.core import QgsReferencedRectangle
-
         layer = self._current_raster()
         return self._segment_visible(layer) if layer is not None else None
 
     def _segment_visible(self, layer):
+        from qgis.core import QgsReferencedRectangle
+
         canvas = self.iface.mapCanvas()
         extent = canvas.extent() if canvas is not None else None
         if extent is None or extent.isEmpty():

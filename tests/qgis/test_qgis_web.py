@@ -19,7 +19,6 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import numpy as np
 import pytest
 from qgis.core import QgsProcessingException, QgsProject, QgsRasterLayer
 
@@ -324,3 +323,53 @@ def test_the_zoom_level_is_the_finest_not_coarser_than_the_resolution(qgis_app):
     assert web.xyz_zoom(adelaide, 0.1, zmax=18) == 18
     equator = QgsPointXY(0.0, 0.0)  # level 0 is 156 543 m at the equator
     assert web.xyz_zoom(equator, 156543.0 / 2 ** 10 + 1e-6) == 10
+
+
+from test_qgis_plugin import plugin  # noqa: E402,F401,F811 - the plugin fixture (SRMFPlugin on the test iface)
+
+
+def test_segment_with_srmf_on_a_web_layer_segments_the_part_the_map_shows(plugin,  # noqa: F811
+                                                                          qgis_iface, tiles, serve, tmp_path,
+                                                                          monkeypatch, clean_project):
+    """The context menu's one-click *Segment with SRMF* on an XYZ layer: a web layer covers the world, so the
+    run takes the map's visible extent; the class raster (in Documents/SRMF: a web layer has no folder) is
+    on the level-18 tile grid and is added to the project."""
+    from qgis.PyQt.QtCore import QStandardPaths
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+    from srmf_qgis import tasks
+    from srmf_qgis_testing import wait_for
+
+    class Documents:  # Documents/SRMF under tmp_path, not the user's own
+        StandardLocation = QStandardPaths.StandardLocation
+
+        @staticmethod
+        def writableLocation(location):  # noqa: N802
+            return str(tmp_path)
+
+    monkeypatch.setattr(tasks, "QStandardPaths", Documents)
+    server = serve(tiles["dir"])
+    layer = _xyz_layer(server.port)
+    qgis_iface.setActiveLayer(layer)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    e = tiles["extent"]
+    canvas.setExtent(QgsRectangle(e[0], (e[1] + e[3]) / 2, (e[0] + e[2]) / 2, e[3]))  # the north-west quarter
+    canvas.refresh()
+    said = []
+    monkeypatch.setattr(plugin, "_message", lambda text, *a, **k: said.append(text))
+    plugin.layer_actions["segment"].trigger()
+    assert len(plugin.jobs) == 1, said
+    job = plugin.jobs[0]
+    wait_for(lambda: job.done and getattr(job, "layer", None) is not None or (job.done and not job.ok),
+             what="the segmentation task")
+    assert job.ok, job.error
+    out = Path(job.results["OUTPUT"])
+    assert out.parent == tmp_path / "SRMF" and out.name == "Adelaide_tiles_srmf_classes.tif"
+    gt, size, epsg = _grid(out)
+    assert epsg == "3857" and gt[1] == pytest.approx(RES)
+    assert abs((gt[0] + HALF) / RES - round((gt[0] + HALF) / RES)) < 1e-6  # on the tile grid
+    shown = canvas.extent()  # what the map shows (QGIS widens it to the canvas's shape): the area segmented
+    x1, y0 = gt[0] + size[0] * gt[1], gt[3] + size[1] * gt[5]
+    for a, b in ((gt[0], shown.xMinimum()), (x1, shown.xMaximum()), (y0, shown.yMinimum()), (gt[3], shown.yMaximum())):
+        assert abs(a - b) <= RES, (a, b)
+    assert job.layer.renderer().type() == "paletted"
