@@ -37,6 +37,10 @@ def add_segment_arguments(seg) -> None:
                      help="minimum mapping unit of the polygons in m2 (smaller regions merge into a neighbour)")
     seg.add_argument("--min-pixels", type=int_arg("--min-pixels"), default=None,
                      help="minimum mapping unit of the polygons in pixels")
+    seg.add_argument("--simplify", type=float, default=None,
+                     help="simplify the polygons by this many pixels (coverage simplification: adjacent polygons "
+                          "keep sharing their edges, the outline of the classified area is kept; 1 removes the "
+                          "pixel stair-steps)")
     seg.add_argument("--probabilities", default=None, help="also write per-class probabilities (uint8 GeoTIFF, p*250)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--json", action="store_true", help="print JSON lines (progress, log, result, error)")
@@ -47,12 +51,16 @@ def run_segment_command(args, rep: Reporter) -> dict:
     from core.geo.raster import parse_bands
     from core.segment.job import segment_raster
 
+    if args.simplify is not None and not args.polygons:
+        from core.errors import InputError
+
+        raise InputError("--simplify applies to the class polygons: give --polygons PATH.gpkg as well")
     result = segment_raster(args.input, args.output, args.model, window=args.window, stride=args.stride,
                             batch_size=args.batch_size, device=args.device, precision=args.precision, bands=parse_bands(args.bands),
                             probabilities=args.probabilities, overwrite=args.overwrite, reporter=rep,
                             resolution=args.resolution, pixel_size=args.pixel_size, tta=args.tta,
                             extent=args.extent, mask=args.mask, polygons=args.polygons, min_area_m2=args.min_area,
-                            min_pixels=args.min_pixels)
+                            min_pixels=args.min_pixels, simplify=args.simplify)
     lines = [f"Wrote {result['output']} ({result['width']} x {result['height']} px, {result['crs'] or 'no CRS'}) "
              f"in {result['seconds']:.1f} s ({result['megapixels_per_second']:.2f} MP/s on {result['device']})"]
     if result.get("polygons"):

@@ -65,7 +65,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
                    bands: Optional[Sequence[int]] = None, probabilities=None, overwrite: bool = False,
                    reporter=None, prefetch: bool = True, precision: str = "auto", resolution="auto",
                    pixel_size: Optional[float] = None, tta: bool = False, extent=None, mask=None,
-                   polygons=None, min_area_m2: Optional[float] = None, min_pixels: Optional[int] = None) -> dict:
+                   polygons=None, min_area_m2: Optional[float] = None, min_pixels: Optional[int] = None,
+                   simplify: Optional[float] = None) -> dict:
     """Segment a raster with an SRMF model into a class raster (the ``segment`` command).
 
     Args:
@@ -87,7 +88,8 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
             polygon layer; the outputs then cover the area's bounding box on the input's pixel grid, and
             pixels outside the mask's polygons are nodata.
         polygons: also write the class polygons to this GeoPackage (:mod:`core.segment.polygons`), sieved to a
-            minimum mapping unit of ``min_area_m2`` square metres or ``min_pixels`` pixels.
+            minimum mapping unit of ``min_area_m2`` square metres or ``min_pixels`` pixels, and simplified
+            (``simplify`` pixels: coverage simplification, shared edges kept) when given.
 
     Returns:
         A JSON-able dict: output paths, size, CRS, classes with pixel counts and areas, timings.
@@ -106,7 +108,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
     out, prob = _check_outputs(input_path, output_path, probabilities, overwrite)
     poly = _check_polygons(polygons, out, prob, overwrite)
     ds, aoi = _open_input(input_path, [out, prob, poly], extent, mask, rep)
-    threshold = 0 if poly is None else polygon_unit(ds, min_area_m2, min_pixels)
+    threshold = 0 if poly is None else polygon_unit(ds, min_area_m2, min_pixels, simplify)
     job = open_inference(ds, input_path, model, window=window, stride=stride, batch_size=batch_size,
                          device=device, bands=bands, rep=rep, precision=precision,
                          untrained_note="its classes are not meaningful. Use a trained model (--model) or fine-tune one.")
@@ -127,7 +129,7 @@ def segment_raster(input_path, output_path, model=None, *, window: Optional[int]
         for o in outputs:  # all closed (a full disk fails here) before any is published: all or none
             o.close()
         if poly is not None:  # from the finished class raster, before it is published
-            stats["polygons"] = write_class_polygons(cls_out.tmp, poly, job.lm.classes, threshold, rep)
+            stats["polygons"] = write_class_polygons(cls_out.tmp, poly, job.lm.classes, threshold, rep, simplify)
         for o in outputs:
             o.publish()
     except BaseException:

@@ -52,7 +52,9 @@ extent and pixel grid as the input; styled with the model's class colours and na
 as a .qml beside it), optional <b>class probabilities</b> (one band per class, 0-250 = 0-100 %),
 optional <b>class polygons</b> (GDAL polygonize after GDAL's sieve to the <b>minimum mapping unit</b>
 in m\u00b2 — in pixels for a raster in degrees — so no polygon is smaller; fields class_id, class_name
-and area_m2; adjacent polygons share their pixel edges) and the <b>class
+and area_m2; adjacent polygons share their pixel edges; <b>Simplify</b> smooths away the pixel
+stair-steps as a coverage, so neighbours still share their edges — no gaps, no overlaps — and the outline of
+the classified area stays where it is) and the <b>class
 areas</b> table (pixels, m\u00b2, ha, share). Areas need a projected CRS: for a raster in degrees the
 table gives pixels and says so.</p>"""
 
@@ -102,6 +104,10 @@ class SegmentAlgorithm(SRMFAlgorithm):
             "MIN_AREA", self.tr("Minimum mapping unit of the class polygons, m\u00b2 [blank: none; pixels in a "
                                 "raster in degrees]"), QgsProcessingParameterNumber.Type.Double, optional=True,
             minValue=0.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            "SIMPLIFY", self.tr("Simplify the class polygons, pixels [blank: no; 1 removes the pixel stair-steps; "
+                                "neighbours keep sharing their edges]"), QgsProcessingParameterNumber.Type.Double,
+            optional=True, minValue=0.0, maxValue=100.0))
         self.addParameter(QgsProcessingParameterVectorDestination(
             "OUTPUT_POLYGONS", self.tr("Class polygons"), QgsProcessing.SourceType.TypeVectorPolygon, optional=True,
             createByDefault=False))
@@ -309,6 +315,9 @@ class SegmentAlgorithm(SRMFAlgorithm):
             layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
             geographic = layer is not None and layer.crs().isGeographic()
             args += ["--min-pixels", str(int(unit))] if geographic else ["--min-area", repr(unit)]
+        simplify = self.optional_double(parameters, "SIMPLIFY", context)
+        if simplify:
+            args += ["--simplify", repr(simplify)]
         return target
 
     def _polygonize(self, engine_polygons: str, polygons: str, raster: str, classes, layer_name, context,

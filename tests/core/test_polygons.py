@@ -105,3 +105,50 @@ def test_units_in_a_geographic_crs_and_bad_units_are_refused_or_noted(tmp_path, 
                          precision="fp32", resolution="native", polygons=tmp_path / "a.gpkg", min_pixels=30,
                          reporter=Reporter(json_mode=True, stream=io.StringIO()))
     assert res["polygons"]["area_note"] and all(a is None for _, _, a, _ in _features(tmp_path / "a.gpkg"))
+
+
+def _vertices(rows) -> int:
+    import shapely
+
+    return int(sum(shapely.get_num_coordinates(shapely.from_wkb(bytes(g.ExportToWkb()))) for *_, g in rows))
+
+
+def test_simplified_polygons_keep_the_coverage_no_gaps_no_overlaps_same_outline(tmp_path, osbs_classes):
+    """``--simplify``: the stair-steps go (far fewer vertices), and the polygons are still a coverage — adjacent
+    polygons share their edges (GEOS's coverage validity: no overlap, no gap between them), their union is
+    the same classified area as the unsimplified polygons' (the outline along nodata and the raster's edge is
+    kept), pairwise intersections have no area, and the areas still sum to the classified area."""
+    import shapely
+
+    classes = [{"id": i, "name": f"c{i}"} for i in range(5)]
+    write_class_polygons(osbs_classes, tmp_path / "raw.gpkg", classes, 20)
+    res = write_class_polygons(osbs_classes, tmp_path / "simple.gpkg", classes, 20, simplify=1.5)
+    raw, simple = _features(tmp_path / "raw.gpkg"), _features(tmp_path / "simple.gpkg")
+    assert res["simplify_pixels"] == 1.5 and len(simple) == len(raw) > 10
+    assert _vertices(simple) < 0.6 * _vertices(raw)  # the pixel stair-steps are gone
+    geoms = shapely.from_wkb([bytes(g.ExportToWkb()) for *_, g in simple])
+    assert shapely.is_valid(geoms).all()
+    assert shapely.coverage_is_valid(geoms)  # shared edges match exactly: no overlap, no sliver gap
+    raw_union = shapely.union_all(shapely.from_wkb([bytes(g.ExportToWkb()) for *_, g in raw]))
+    union = shapely.union_all(geoms)
+    assert shapely.symmetric_difference(union, raw_union).area == pytest.approx(0.0, abs=1e-9)  # same outline
+    total = sum(a for _, _, a, _ in simple)
+    assert total == pytest.approx(sum(a for _, _, a, _ in raw), rel=1e-9)  # areas sum to the classified area
+    assert union.area * 1.0 == pytest.approx(total, rel=1e-9)  # so no two polygons overlap
+    tree = shapely.STRtree(geoms)
+    left, right = tree.query(geoms, predicate="intersects")
+    pairs = [(i, j) for i, j in zip(left, right) if i < j]
+    assert pairs and max(shapely.intersection(geoms[i], geoms[j]).area for i, j in pairs) < 1e-9
+    for (cid, name, area, g), (cid0, _, _, _) in zip(simple, raw):
+        assert cid == cid0 and area == pytest.approx(g.GetArea(), rel=1e-9)  # area_m2 of the simplified shape
+
+
+def test_segment_simplify_needs_polygons_and_a_sane_value(tmp_path, random_model):
+    env_cmd = [sys.executable, "-m", "core", "segment", str(OSBS), str(tmp_path / "c.tif"), "--simplify", "1"]
+    from conftest import ROOT, engine_env
+
+    proc = subprocess.run(env_cmd, capture_output=True, text=True, env=engine_env(), cwd=str(ROOT), timeout=300)
+    assert proc.returncode == 2 and "--simplify applies to the class polygons" in proc.stderr, proc.stderr[-500:]
+    with pytest.raises(InputError, match="--simplify must be 0 or more pixels"):
+        min_pixels(gdal.Open(str(OSBS)), None, None, -1.0)
+    assert not (tmp_path / "c.tif").exists()

@@ -118,3 +118,31 @@ def test_class_polygons_come_from_the_engine_sieved_to_the_minimum_mapping_unit(
     assert {"class_id", "class_name", "area_m2"} <= set(layer.fields().names())
     areas = [f["area_m2"] for f in layer.getFeatures()]
     assert min(areas) >= 1.0 - 1e-9
+
+
+def test_simplified_class_polygons_still_share_their_edges(provider, tmp_path):
+    """SIMPLIFY 1 px on the NEON scene's polygons (GeoPackage): fewer vertices than the pixel edges, and the
+    polygons still tile the classified area — QGIS's own geometry engine finds no overlap between any two
+    neighbours and their areas sum to the area of their union."""
+    from qgis.core import QgsGeometry, QgsVectorLayer
+
+    fb = make_feedback()
+    common = {"INPUT": str(OSBS), "OUTPUT_AREAS": None, "PRECISION": 1, "MIN_AREA": 1.0}
+    raw = run_alg("srmf:segment", {**common, "OUTPUT": str(tmp_path / "r.tif"),
+                                   "OUTPUT_POLYGONS": str(tmp_path / "raw.gpkg")}, make_feedback())
+    res = run_alg("srmf:segment", {**common, "OUTPUT": str(tmp_path / "s.tif"), "SIMPLIFY": 1.0,
+                                   "OUTPUT_POLYGONS": str(tmp_path / "simple.gpkg")}, fb)
+    assert "--simplify 1.0" in fb.commands[0]
+    layers = [QgsVectorLayer(str(r["OUTPUT_POLYGONS"]), n, "ogr") for r, n in ((raw, "raw"), (res, "simple"))]
+    feats = [list(layer.getFeatures()) for layer in layers]
+    assert len(feats[0]) == len(feats[1]) > 5
+
+    def vertices(fs):
+        return sum(len(list(f.geometry().vertices())) for f in fs)
+
+    assert vertices(feats[1]) < 0.9 * vertices(feats[0])  # (the outline along nodata is kept as it is)
+    geoms = [f.geometry() for f in feats[1]]
+    total = sum(g.area() for g in geoms)
+    assert QgsGeometry.unaryUnion(geoms).area() == pytest.approx(total, rel=1e-9)  # no overlap
+    assert total == pytest.approx(sum(f.geometry().area() for f in feats[0]), rel=1e-9)  # no gap, same outline
+    assert all(f["area_m2"] == pytest.approx(f.geometry().area(), rel=1e-6) for f in feats[1])
