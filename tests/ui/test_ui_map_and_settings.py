@@ -40,6 +40,47 @@ def test_map_screenshot_of_a_segmented_real_raster(adelaide_segmented, osbs_segm
         assert ql.exists() and ql.stat().st_size > 50_000
 
 
+def test_map_screenshot_of_an_area_of_interest_run(provider, tmp_path, artifacts):
+    """srmf:segment on the real Adelaide raster with a hexagon as *Mask polygons*: on the map, the classes are
+    drawn inside the hexagon only (the image shows through outside it), over the image; the screenshot is the
+    README's picture of an area-of-interest run."""
+    import math
+
+    from qgis.core import (QgsFeature, QgsFillSymbol, QgsGeometry, QgsPointXY, QgsVectorFileWriter,
+                           QgsVectorLayer, QgsCoordinateTransformContext)
+    from srmf_qgis_testing import make_feedback, run_alg
+
+    inp = QgsRasterLayer(str(ADELAIDE), "adelaide_2", "gdal")
+    e = inp.extent()
+    c, r = e.center(), 0.3 * min(e.width(), e.height())
+    hexagon = QgsGeometry.fromPolygonXY([[QgsPointXY(c.x() + r * math.cos(math.radians(a)),
+                                                     c.y() + r * math.sin(math.radians(a))) for a in range(0, 361, 60)]])
+    mem = QgsVectorLayer(f"Polygon?crs={inp.crs().authid()}", "area of interest", "memory")
+    f = QgsFeature()
+    f.setGeometry(hexagon)
+    mem.dataProvider().addFeatures([f])
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    QgsVectorFileWriter.writeAsVectorFormatV3(mem, str(tmp_path / "aoi.gpkg"), QgsCoordinateTransformContext(), opts)
+    res = run_alg("srmf:segment", {"INPUT": str(ADELAIDE), "MASK": str(tmp_path / "aoi.gpkg"), "PRECISION": 1,
+                                   "OUTPUT": str(tmp_path / "aoi_classes.tif"), "OUTPUT_AREAS": None}, make_feedback())
+    cls = QgsRasterLayer(res["OUTPUT"], "classes in the area", "gdal")
+    outline = QgsVectorLayer(str(tmp_path / "aoi.gpkg"), "area of interest", "ogr")
+    outline.setRenderer(outline.renderer().clone())
+    outline.renderer().setSymbol(QgsFillSymbol.createSimple({"style": "no", "outline_color": "#E31A1C",
+                                                             "outline_width": "0.8"}))
+    cls.setOpacity(0.8)
+    image = render_map([outline, cls, inp], e, inp.crs(), QSize(700, 700))
+    assert image.save(str(artifacts / "map_aoi_adelaide.png"))
+    model_colours = {c.color.name().upper() for c in cls.renderer().classes()}
+    corner = QColor(image.pixel(20, 20)).name().upper()
+    centre = {QColor(image.pixel(350 + dx, 350 + dy)).name().upper() for dx in range(-40, 41, 8) for dy in range(-40, 41, 8)}
+    assert corner not in model_colours  # outside the mask: the image itself, no class drawn
+    assert centre != {corner} and len(centre) > 1  # inside: the classes over the image
+    ds_gt = cls.extent()
+    assert ds_gt.width() < 0.7 * e.width() and ds_gt.height() < 0.7 * e.height()  # the output covers the mask's box
+
+
 def test_settings_dialog_diagnostics_and_copy(qgis_iface, artifacts):
     from srmf_qgis.ui.settings_dialog import SettingsDialog
 
