@@ -37,20 +37,22 @@ def turn_sample(sample, k: int):
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The ``photometric`` jitter of the module docstring on a float32 (3, H, W) image on 0..255; returns a
-    new float32 image on 0..255."""
+    """The ``photometric`` jitter of the module docstring on a float32 (C, H, W) image on 0..255 (C >= 3: the
+    colour jitter on the RGB bands, gain, gamma and blur on all); returns a new float32 image on 0..255."""
     import torch
     import torchvision.transforms.v2.functional as TF
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0)
     if rng.random() < 0.8:
         x = TF.adjust_brightness(x, float(rng.uniform(0.75, 1.25)))
+    rgb, extra = x[:3], x[3:]  # colour jitter is RGB's; added bands (near-infrared ...) get the rest
     if rng.random() < 0.8:
-        x = TF.adjust_contrast(x, float(rng.uniform(0.75, 1.25)))
+        rgb = TF.adjust_contrast(rgb, float(rng.uniform(0.75, 1.25)))
     if rng.random() < 0.8:
-        x = TF.adjust_saturation(x, float(rng.uniform(0.75, 1.25)))
+        rgb = TF.adjust_saturation(rgb, float(rng.uniform(0.75, 1.25)))
     if rng.random() < 0.8:
-        x = TF.adjust_hue(x, float(rng.uniform(-0.04, 0.04)))
+        rgb = TF.adjust_hue(rgb, float(rng.uniform(-0.04, 0.04)))
+    x = torch.cat([rgb, extra]) if extra.shape[0] else rgb
     x = x * torch.from_numpy(rng.uniform(0.9, 1.1, size=(x.shape[0], 1, 1)).astype(np.float32))
     x = x.clamp(0.0, 1.0) ** float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
     if rng.random() < 0.2:

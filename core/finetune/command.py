@@ -23,6 +23,12 @@ def add_finetune_arguments(p) -> None:
                    help='class table JSON {"classes": [{"name", "colour", "prompt", "value", "from"}]}; '
                         "default: the base model's classes, label value = class id")
     p.add_argument("--base-model", default=None, help="model to start from (default: the embedded default model)")
+    p.add_argument("--model-bands", default=None,
+                   help="the new model's input bands by name, e.g. red,green,blue,nir (default: the base model's); "
+                        "bands beyond the base model's widen its first convolution")
+    p.add_argument("--bands", default=None,
+                   help="the training rasters' bands in the model's band order, e.g. 1,2,3,4 (default: by colour "
+                        "interpretation or band description)")
     p.add_argument("--iterations", type=int, default=D.iterations, help="max iterations (optimiser steps)")
     p.add_argument("--batch-size", type=int, default=D.batch_size, help="samples per iteration")
     p.add_argument("--accumulate", type=int, default=D.accumulate, help="gradient accumulation steps per iteration")
@@ -98,7 +104,7 @@ def run_finetune_command(args, rep) -> dict:
     from core.finetune.job import finetune
     from core.finetune.sources import load_sources
     from core.model.modelfile import DEFAULT_MODEL_PATH, load_model
-    from core.geo.raster import check_output_path
+    from core.geo.raster import check_output_path, parse_bands
 
     out = Path(args.output)
     if not args.resume:
@@ -108,10 +114,13 @@ def run_finetune_command(args, rep) -> dict:
     lm = load_model(args.base_model or DEFAULT_MODEL_PATH)
     raw, table = _class_table(args.classes, lm)
     sources = _training_sources(args)
-    images = load_sources(sources, table)
+    model_bands = _model_bands(args.model_bands, lm)
+    reading = {"bands": parse_bands(args.bands), "model_bands": model_bands}
+    images = load_sources(sources, table, **reading)
     val_images = None
     if args.val_raster:
-        val_images = load_sources(_sources_from_args(args.val_raster, args.val_labels, args.label_field, "val-"), table)
+        val_images = load_sources(_sources_from_args(args.val_raster, args.val_labels, args.label_field, "val-"), table,
+                                  **reading)
     for img in images + (val_images or []):
         for warning in img.source.get("warnings", ()):
             rep.warning(warning)
@@ -120,9 +129,18 @@ def run_finetune_command(args, rep) -> dict:
                       val_share=args.val_share,
                       val_groups=[g for g in args.val_groups.split(",") if g] if args.val_groups else None,
                       val_images=val_images, overwrite=args.overwrite, resume=args.resume, reporter=rep,
-                      data_description=[json.dumps(s) for s in sources])
+                      data_description=[json.dumps(s) for s in sources], model_bands=list(model_bands))
     rep.result(result, text=_summary(result))
     return result
+
+
+def _model_bands(text: Optional[str], lm) -> tuple:
+    """The ``--model-bands`` names (checked: RGB first, known names), or the base model's bands."""
+    if not text:
+        return tuple(lm.header["input"]["bands"])
+    from core.model.bands import check_band_names
+
+    return tuple(check_band_names([t for t in text.split(",") if t.strip()]))
 
 
 def config_from_args(args) -> TrainConfig:

@@ -118,7 +118,8 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
              device: str = "auto", val_share: float = VAL_SHARE, val_groups: Optional[Sequence[str]] = None,
              val_images: Optional[Sequence] = None, overwrite: bool = False, resume: bool = False,
              reporter=None, data_description: Optional[List[str]] = None, stop_after: Optional[int] = None,
-             keep_work_dir: bool = False, text_encoder=None, architecture: Optional[dict] = None) -> dict:
+             keep_work_dir: bool = False, text_encoder=None, architecture: Optional[dict] = None,
+             model_bands: Optional[Sequence[str]] = None) -> dict:
     """Fine-tune a base model on labelled images and write the best model by validation mIoU.
 
     Args:
@@ -131,6 +132,8 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         resume: continue a killed run from its checkpoint (in ``OUTPUT.work/``).
         architecture: build a fresh network instead of adapting the base model's head — a dict
             ``{"backbone", "text_fusion", "encoder_weights"}`` (used by the ablation and the default model).
+        model_bands: the input bands by name (default the base model's; more widen its first convolution:
+            :func:`_widen_input`); the images hold them, in this order.
 
     Returns:
         The result dict (output path, metrics, classes, iterations, seconds, ...).
@@ -161,11 +164,10 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
     _check_labelled(images)
     # a LoadedModel, or (for a network built from scratch) any object with the base ``header``
     lm = base_model if hasattr(base_model, "header") else load_model(base_model or DEFAULT_MODEL_PATH)
-    header = lm.header
     train_imgs, val_imgs, split_note = _held_out(images, val_images, val_share, val_groups, config, rep)
     counts = _class_counts(train_imgs, classes, rep)
-    mean, std = header["input"]["mean"], header["input"]["std"]
-    model, new_header, report = _initial_model(lm, classes, train_imgs, config, architecture, text_encoder)
+    model, new_header, report = _start_model(lm, classes, train_imgs, config, architecture, text_encoder, model_bands, rep)
+    mean, std = new_header["input"]["mean"], new_header["input"]["std"]
     _log_class_changes(report, rep)
     sampler = _sampler(train_imgs, len(classes), config)
     work = out.with_name(out.name + ".work")
@@ -192,6 +194,49 @@ def finetune(output, *, images: Sequence, classes: Sequence[dict], base_model=No
         _publish(best_path, out, work, keep_work_dir)
         payload["output"] = str(out)
     return payload
+
+
+def _start_model(lm, classes, train_imgs, config, architecture, text_encoder, model_bands, rep):
+    """:func:`_initial_model` (on the base model's bands of the images), then :func:`_widen_input`."""
+    n_base = len(lm.header["input"]["bands"])
+    model, header, report = _initial_model(lm, classes, [_first_bands(im, n_base) for im in train_imgs], config,
+                                           architecture, text_encoder)
+    return model, _widen_input(model, header, model_bands, train_imgs, rep), report
+
+
+def _first_bands(im, n: int):
+    """``im`` with its first ``n`` bands only (what the base model reads, for its class features)."""
+    return im if im.image.shape[0] <= n else replace(im, image=im.image[:n])
+
+
+def _widen_input(model, header: dict, model_bands: Optional[Sequence[str]], train_imgs: Sequence, rep) -> dict:
+    """The header for ``model_bands`` (multispectral, issue 15 part 3): ``header`` itself when they are the base
+    model's bands; else the base model's first convolution widened to them in place and ``input`` extended
+    with the added bands' names and their mean/std over the training images (logged).
+
+    Raises:
+        InputError: bands that do not start with the base model's, or images without as many bands.
+    """
+    from core.model.bands import band_statistics, check_band_names, widen_first_conv
+
+    base = list(header["input"]["bands"])
+    if model_bands is None or list(model_bands) == base:
+        return header
+    names = check_band_names(model_bands)
+    if names[:len(base)] != base or len(names) <= len(base):
+        raise InputError(f"--model-bands {','.join(names)}: a model on bands {','.join(base)} can be given more bands "
+                         "after its own, not other ones")
+    short = [im.name for im in train_imgs if im.image.shape[0] != len(names)]
+    if short:
+        raise InputError(f"the model reads {len(names)} bands ({', '.join(names)}) but {short[0]} has another number")
+    mean, std = band_statistics(train_imgs, len(base))
+    widen_first_conv(model, len(names))
+    inp = {**header["input"], "bands": names, "mean": list(header["input"]["mean"]) + mean,
+           "std": list(header["input"]["std"]) + std}
+    rep.log(f"input bands {', '.join(names)}: the first convolution widened from {len(base)} to {len(names)} bands "
+            "(RGB kernels kept, the added ones from their mean x 3/N); added bands' mean "
+            + ", ".join(f"{n} {m:.1f} +- {s:.1f}" for n, m, s in zip(names[len(base):], mean, std)))
+    return {**header, "input": inp}
 
 
 def _held_out(images: Sequence, val_images: Optional[Sequence], val_share: float,

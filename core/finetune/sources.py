@@ -452,7 +452,7 @@ def _pairs(images_dir: Path, masks_dir: Path) -> List[Tuple[Path, Path]]:
 def load_image_mask_folder(images_dir, masks_dir, classes, *, group: Optional[str] = None,
                            exclude: Iterable[str] = (), bands: Optional[Sequence[int]] = None,
                            label_band: int = 1, name_prefix: Optional[str] = None,
-                           group_per_image: bool = False) -> List[TrainingImage]:
+                           group_per_image: bool = False, model_bands: Sequence[str] = MODEL_BANDS) -> List[TrainingImage]:
     """Image/mask pairs from two folders, matched by file stem (``a.jpg`` ↔ ``a.png``).
 
     Masks are colour-coded (RGB, or palette-mode PNG decoded through its own colour table — never the
@@ -481,7 +481,8 @@ def load_image_mask_folder(images_dir, masks_dir, classes, *, group: Optional[st
             continue
         nm = f"{prefix}/{img.stem}" if prefix else img.stem
         grp = nm if group_per_image else (group or parent)
-        sample = load_raster_pair(img, mask, classes, bands=bands, label_band=label_band, name=nm, group=grp)
+        sample = load_raster_pair(img, mask, classes, bands=bands, label_band=label_band, name=nm, group=grp,
+                                  model_bands=model_bands)
         out.append(sample)
     return out
 
@@ -549,7 +550,8 @@ def load_mmseg_folder(root, classes, *, img_dir: str = "img_dir", ann_dir: str =
 
 
 # -- several sources ---------------------------------------------------------------------------------
-def load_sources(sources: Sequence[dict], classes) -> List[TrainingImage]:
+def load_sources(sources: Sequence[dict], classes, *, bands: Optional[Sequence[int]] = None,
+                 model_bands: Sequence[str] = MODEL_BANDS) -> List[TrainingImage]:
     """Load a list of source descriptions (what a ``finetune`` job file lists), in order.
 
     Each item is one of:
@@ -557,7 +559,8 @@ def load_sources(sources: Sequence[dict], classes) -> List[TrainingImage]:
       ``{"raster": R, "polygons": V, "field": F [, "layer": ..., "background": ..., "all_touched": false]}``;
       ``{"images": DIR, "masks": DIR [, "group": G, "exclude": [...]]}`` — a folder of pairs;
       ``{"dubai": [tiles] | true}`` — the Dubai set.
-    Optional on raster items: ``"bands"``, ``"name"``, ``"group"``.
+    Optional on raster items: ``"bands"`` (default ``bands``), ``"name"``, ``"group"``. ``model_bands``: the
+    model's input bands by name (:func:`core.geo.raster.select_bands` finds them in each raster).
 
     Raises:
         InputError: an item of none of these forms (named by its position), or any loader's error.
@@ -568,6 +571,9 @@ def load_sources(sources: Sequence[dict], classes) -> List[TrainingImage]:
         if not isinstance(s, dict):
             raise InputError(f"training source {i + 1}: expected an object, got {s!r}")
         common = {k: s[k] for k in ("bands", "name", "group") if k in s}
+        if "bands" not in common and bands is not None:
+            common["bands"] = list(bands)
+        common["model_bands"] = tuple(model_bands)
         if "raster" in s and "labels" in s:
             out.append(load_raster_pair(s["raster"], s["labels"], classes, label_band=int(s.get("label_band", 1)),
                                         **common))
@@ -579,8 +585,12 @@ def load_sources(sources: Sequence[dict], classes) -> List[TrainingImage]:
                                          **common))
         elif "images" in s and "masks" in s:
             out.extend(load_image_mask_folder(s["images"], s["masks"], classes, group=s.get("group"),
-                                              exclude=s.get("exclude", ()), bands=s.get("bands")))
+                                              exclude=s.get("exclude", ()), bands=common.get("bands"),
+                                              model_bands=common["model_bands"]))
         elif "dubai" in s:
+            if tuple(model_bands) != MODEL_BANDS:
+                raise InputError(f"training source {i + 1}: the Dubai tiles are RGB; the model reads "
+                                 f"{', '.join(model_bands)}")
             tiles = None if s["dubai"] is True else s["dubai"]
             out.extend(load_dubai(tiles, root=s.get("root")))
         else:

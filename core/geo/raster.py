@@ -123,7 +123,27 @@ def select_bands(ds: gdal.Dataset, path, bands: Optional[Sequence[int]], model_b
     wanted = [_COLOUR_INTERP.get(name.lower()) for name in model_bands]
     if all(w is not None and w in interp for w in wanted):
         return [interp[w] for w in wanted]
+    if n_in > 3:  # a multispectral model: every band by its name, never by position
+        return _bands_by_name(ds, path, model_bands)
     return list(range(1, n_in + 1))
+
+
+def _bands_by_name(ds: gdal.Dataset, path, model_bands: Sequence[str]) -> List[int]:
+    """The raster's band of each of the model's band names, by colour interpretation or description
+    (:func:`core.model.bands.raster_band_name`). Raises InputError naming the bands not found."""
+    from core.model.bands import canonical_band_name, raster_band_name
+
+    names = {}
+    for i in range(1, ds.RasterCount + 1):
+        names.setdefault(raster_band_name(ds, i), i)
+    wanted = [canonical_band_name(n) or n for n in model_bands]
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        seen = ", ".join(f"{i}: {raster_band_name(ds, i) or 'unnamed'}" for i in range(1, ds.RasterCount + 1))
+        raise InputError(f"{path}: the model reads {len(wanted)} bands ({', '.join(wanted)}); the raster has no "
+                         f"{' and no '.join(missing)} band by colour interpretation or description (its bands: {seen}). "
+                         f"Give the raster's band for each with --bands (in the order {','.join(wanted)})")
+    return [names[w] for w in wanted]
 
 
 @dataclass

@@ -273,7 +273,7 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
         raise ModelFileError(f"{path}: the text bank has {bank.shape[0]} rows but the header lists "
                              f"{len(prompts)} prompts")
     try:
-        model = build_from_config(arch, len(header["classes"]), bank)
+        model = build_from_config(arch, len(header["classes"]), bank, in_bands=len(header["input"]["bands"]))
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"{path}: cannot build the network the header describes ({exc})") from exc
     try:

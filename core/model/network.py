@@ -207,15 +207,21 @@ def architecture_config(model: SRMFNet) -> dict:
     }
 
 
-def build_from_config(arch: dict, num_classes: int, text_bank: Optional[torch.Tensor]) -> SRMFNet:
-    """Build an untrained :class:`SRMFNet` from a model file's ``architecture`` entry.
+def build_from_config(arch: dict, num_classes: int, text_bank: Optional[torch.Tensor], in_bands: int = 3) -> SRMFNet:
+    """Build an untrained :class:`SRMFNet` from a model file's ``architecture`` entry, its first convolution
+    reading ``in_bands`` bands (the header's ``input.bands``; :func:`core.model.bands.widen_first_conv`).
 
     Raises:
         InputError: unknown backbone.
     """
-    return SRMFNet(
+    model = SRMFNet(
         arch["backbone"], num_classes,
         text_bank=text_bank if arch.get("text_fusion", True) else None,
         channels=int(arch.get("head_channels", 256)),
         dropout=float(arch.get("dropout", 0.1)),
     )
+    if in_bands != 3:
+        from core.model.bands import widen_first_conv
+
+        widen_first_conv(model, in_bands)
+    return model

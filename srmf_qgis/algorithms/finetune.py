@@ -35,6 +35,12 @@ model by validation mIoU is kept. Advanced: <b>class balancing</b> (SRMF's multi
 and rare-region resampling; on by default), training crop size, validation interval, gradient
 accumulation, seed, <b>precision</b> (automatic: bf16 autocast where the CPU or GPU runs it natively;
 float32: exact) and <b>continue a stopped run</b>.</p>
+<p><b>Multispectral models</b> (advanced): <b>Model bands</b> names the new model's bands, red, green, blue
+first, then more (nir, rededge, swir1 …), e.g. <i>red,green,blue,nir</i> for NAIP or aerial CIR. The base
+model's first layer is widened (its RGB filters kept, the added bands' started from their mean) and the added
+bands' mean and spread are computed from the training rasters and stored in the model. The rasters' bands are
+found by colour interpretation (RGB) and band description ("NIR", "near-infrared"), or given in <b>Raster
+bands</b> (e.g. 1,2,3,4). Segmenting with such a model then needs rasters with those bands.</p>
 <p>Output: the fine-tuned model file (.srmf) and a table of the per-class validation IoU.</p>"""
 
 
@@ -90,6 +96,13 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         self.addParameter(QgsProcessingParameterFile(
             "BASE_MODEL", self.tr("Base model (.srmf) [blank: the embedded default model]"),
             extension="srmf", optional=True))
+        self.addParameter(advanced(QgsProcessingParameterString(
+            "MODEL_BANDS", self.tr("Model bands by name, e.g. red,green,blue,nir [blank: the base model's; more bands "
+                                   "widen its first layer; the rasters' bands are found by colour or description]"),
+            optional=True)))
+        self.addParameter(advanced(QgsProcessingParameterString(
+            "RASTER_BANDS", self.tr("The training rasters' bands in that order, e.g. 1,2,3,4 [blank: automatic]"),
+            optional=True)))
 
     def _add_training_parameters(self):
         """The recipe (defaults: :data:`TRAINING_DEFAULTS`) and the validation data."""
@@ -277,6 +290,10 @@ class FinetuneAlgorithm(SRMFAlgorithm):
                 args += [flag, str(value)]
         if self.parameterAsBoolean(parameters, "RESUME", context):
             args.append("--resume")
+        for name, flag in (("MODEL_BANDS", "--model-bands"), ("RASTER_BANDS", "--bands")):
+            text = (self.parameterAsString(parameters, name, context) or "").replace(" ", "")
+            if text:
+                args += [flag, text]
         return args
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802

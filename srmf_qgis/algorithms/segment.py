@@ -22,8 +22,10 @@ HELP = """<p>Classifies every pixel of a raster layer with an SRMF model (semant
 CUDA GPU when there is one, else on the CPU. The model runs in its own Python process: QGIS stays
 responsive and Cancel stops it at once, leaving no partial file.</p>
 <p><b>Input raster</b>: any raster GDAL reads, of any size (it is read strip by strip). The model
-expects red, green, blue; with <b>Bands</b> left blank the red/green/blue bands are found from the
-raster's colour interpretation (else bands 1-3; a single band is repeated). 16-bit and float rasters
+expects red, green, blue (a multispectral model more: near-infrared ...; its bands are listed by
+<i>Model information</i>); with <b>Bands</b> left blank they are found from the raster's colour
+interpretation and band descriptions (an RGB model: else bands 1-3; a single band is repeated; a
+multispectral model refuses a raster where one of its bands is not found, naming it). 16-bit and float rasters
 are stretched from their 2-98 % percentiles; the log says how.</p>
 <p><b>Model</b>: an SRMF model file (.srmf); blank = the model embedded in the plugin.</p>
 <p><b>Tile size</b> and <b>stride</b>: the sliding window in pixels (blank = the model's, 512 and 341:
@@ -76,7 +78,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
             "MODEL", self.tr("Model file (.srmf) [blank: the embedded default model]"),
             extension="srmf", optional=True))
         self.addParameter(QgsProcessingParameterBand(
-            "BANDS", self.tr("Bands in the model's order red, green, blue [blank: automatic]"),
+            "BANDS", self.tr("Bands in the model's band order (red, green, blue[, nir ...]) [blank: automatic]"),
             parentLayerParameterName="INPUT", optional=True, allowMultiple=True))
         self.addParameter(QgsProcessingParameterNumber(
             "TILE_SIZE", self.tr("Tile size (window), pixels [blank: the model's, 512]"),

@@ -145,3 +145,31 @@ def test_evaluate_polygon_reference_needs_its_class_field(provider, dubai_predic
     with pytest.raises(QgsProcessingException, match="no field 'kind'"):
         run_alg("srmf:evaluate", {"PREDICTION": str(dubai_prediction), "REFERENCE": str(atlanta_polygon_labels),
                                   "REFERENCE_FIELD": "kind", "OUTPUT_TABLE": None})
+
+
+def test_a_multispectral_fine_tune_through_processing(provider, dubai_labels, tmp_path):
+    """srmf:finetune with *Model bands* red,green,blue,nir on a real 4-band raster (tests/rgbn.py: the Dubai tile's
+    RGB and a real panchromatic band as "NIR"): the model lists four bands, srmf:segment reads them from the
+    4-band raster and refuses the RGB one, naming the missing band."""
+    from srmf_qgis_testing import ATLANTA as PAN
+    from rgbn import write_rgbn
+
+    paths = write_rgbn(tmp_path, DUBAI_IMAGE, PAN)
+    out = tmp_path / "rgbn.srmf"
+    fb = make_feedback()
+    run_alg("srmf:finetune", {
+        "INPUT_RASTERS": [str(paths["rgbn"])], "LABELS": [str(dubai_labels)], "MAX_ITERATIONS": 2, "BATCH_SIZE": 2,
+        "CROP_SIZE": 128, "VALIDATION_SHARE": 0.25, "DEVICE": 1, "MODEL_BANDS": "red, green, blue, nir",
+        "OUTPUT_MODEL": str(out), "OUTPUT_METRICS": "TEMPORARY_OUTPUT"}, fb)
+    assert any("--model-bands red,green,blue,nir" in c for c in fb.commands)
+    assert out.exists()
+    from srmf_qgis.modelheader import read_header
+
+    assert read_header(out)["input"]["bands"] == ["red", "green", "blue", "nir"]
+    res = run_alg("srmf:segment", {"INPUT": str(paths["rgbn"]), "MODEL": str(out), "TILE_SIZE": 256, "STRIDE": 256,
+                                   "DEVICE": 1, "OUTPUT": str(tmp_path / "c.tif"), "OUTPUT_AREAS": None})
+    assert QgsRasterLayer(res["OUTPUT"], "c", "gdal").isValid()
+    with pytest.raises(QgsProcessingException, match=r"the model reads 4 \(red, green, blue, nir\)"):
+        run_alg("srmf:segment", {"INPUT": str(paths["rgb"]), "MODEL": str(out), "DEVICE": 1,
+                                 "OUTPUT": str(tmp_path / "d.tif"), "OUTPUT_AREAS": None})
+    assert not (tmp_path / "d.tif").exists()
