@@ -10,7 +10,7 @@ from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox, QgsMe
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QFont
 from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFormLayout, QGroupBox,
-                                 QHBoxLayout, QHeaderView, QLabel, QPlainTextEdit, QProgressBar, QPushButton,
+                                 QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
                                  QSizePolicy, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout,
                                  QWidget)
 
@@ -187,6 +187,12 @@ class FinetuneDialog(QDialog):
         self.device = QComboBox(train_box)
         for text, value in DEVICE_CHOICES:
             self.device.addItem(text, value)
+        self.model_bands = QLineEdit(train_box)
+        self.model_bands.setPlaceholderText("blank: the base model's (red, green, blue); e.g. red,green,blue,nir")
+        self.model_bands.setToolTip(
+            "Multispectral: the new model's bands by name, red, green, blue first, then nir, rededge, swir1 ... "
+            "The base model's first layer is widened for them and their statistics are computed from your rasters; "
+            "each raster's bands are found by colour interpretation and band description (e.g. \"NIR\").")
         self.output = QgsFileWidget(train_box)
         self.output.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.output.setFilter("SRMF model (*.srmf)")
@@ -198,6 +204,7 @@ class FinetuneDialog(QDialog):
         form.addRow("Validation share:", self.val_share)
         form.addRow("", self.balancing)
         form.addRow("Processor type:", self.device)
+        form.addRow("Model bands:", self.model_bands)
         form.addRow("Fine-tuned model:", self.output)
         return train_box
 
@@ -449,6 +456,7 @@ class FinetuneDialog(QDialog):
             "VALIDATION_SHARE": self.val_share.value(),
             "CLASS_BALANCING": self.balancing.isChecked(),
             "DEVICE": self.device.currentData(),
+            "MODEL_BANDS": self.model_bands.text().replace(" ", "") or None,
             "OUTPUT_MODEL": out,
             "OUTPUT_METRICS": None,
         }

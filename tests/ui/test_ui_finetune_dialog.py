@@ -117,6 +117,10 @@ def test_finetune_dialog_runs_shows_iou_and_segments_with_the_new_model(dialog, 
     dialog.device.setCurrentIndex(1)  # CPU
     out = tmp_path / "atlanta_buildings.srmf"
     dialog.output.setFilePath(str(out))
+    assert dialog.parameters()["MODEL_BANDS"] is None  # blank: the base model's bands
+    dialog.model_bands.setText("red, green, blue, nir")
+    assert dialog.parameters()["MODEL_BANDS"] == "red,green,blue,nir"  # what srmf:finetune's Model bands takes
+    dialog.model_bands.setText("")
     QApplication.processEvents()
     dialog.grab().save(str(artifacts / "finetune_dialog.png"))
     assert dialog.run(), getattr(dialog, "last_message", "")
