@@ -12,7 +12,9 @@ processing extent and a resolution:
   ``{-y}`` (TMS row order) is supported; ``{q}`` quadkeys and ``{s}`` sub-domains are refused by name.
 - **WMS** (``url``, ``layers``, ``styles``, ``format``, ``crs``): GDAL's WMS mini-driver (version 1.1.1, no
   axis-order ambiguity), a data window that is the extent itself at the resolution (in the layer's CRS).
-- **WMTS** layers are refused with a message (not built: use the service's XYZ or WMS end point).
+- **WMTS** (``url`` = the capabilities document, ``layers``, ``tileMatrixSet``, ``styles``): GDAL's WMTS driver
+  (a ``<GDAL_WMTS>`` description) at the tile matrix chosen as for XYZ (GDAL lists the matrices); the extent goes
+  to the engine as ``--extent`` in the tile matrix set's CRS.
 
 Four bands are asked for (the fourth is alpha: tiles that are missing — HTTP 204/404 — or transparent are
 nodata, not black pixels); tiles are cached on disk (``<Cache>``, under the QGIS profile) so a second run over
@@ -95,7 +97,7 @@ def web_source(layer, extent: QgsRectangle, resolution_m: float, folder: str, ca
         ``(path of the .xml, the engine's --extent text "xmin,ymin,xmax,ymax,CRS", a sentence for the log)``.
 
     Raises:
-        QgsProcessingException: a WMTS layer, an XYZ address with placeholders GDAL cannot fill, an empty
+        QgsProcessingException: a WMTS service GDAL cannot read, an XYZ address with placeholders GDAL cannot fill, an empty
             extent, a resolution that is not positive, or an extent too large for one WMS request grid.
     """
     if not (resolution_m and resolution_m > 0 and math.isfinite(resolution_m)):
@@ -105,15 +107,9 @@ def web_source(layer, extent: QgsRectangle, resolution_m: float, folder: str, ca
         raise QgsProcessingException(f"The web layer '{layer.name()}' covers the whole world: choose a processing "
                                      "extent (or a mask layer) to segment.")
     what = kind(layer)
-    if what == "wmts":
-        raise QgsProcessingException(
-            f"The layer '{layer.name()}' is a WMTS layer: SRMF reads XYZ and WMS web layers, not WMTS yet. Add the "
-            "service as an XYZ or WMS layer (most WMTS services also offer one), or export the area to a GeoTIFF.")
     cache = cache_dir or os.path.join(folder, "srmf-web-cache")
-    if what == "xyz":
-        xml, extent_arg, note = _xyz(layer, extent, resolution_m, cache)
-    else:
-        xml, extent_arg, note = _wms(layer, extent, resolution_m, cache)
+    build = {"xyz": _xyz, "wmts": _wmts}.get(what, _wms)
+    xml, extent_arg, note = build(layer, extent, resolution_m, cache)
     name = hashlib.sha1(xml.encode()).hexdigest()[:12]
     path = os.path.join(folder, f"{_safe(layer.name())}-{name}.xml")
     with open(path, "w", encoding="utf-8") as f:
@@ -153,6 +149,44 @@ def _xyz(layer, extent: QgsRectangle, resolution_m: float, cache: str):
     extent_arg = f"{area.xMinimum()!r},{area.yMinimum()!r},{area.xMaximum()!r},{area.yMaximum()!r},EPSG:3857"
     note = (f"web layer '{layer.name()}' (XYZ): tile level {z} ({ground:.3g} m pixels at the extent's centre), "
             f"processed at {resolution_m:g} m; tiles cached in {cache}")
+    return xml, extent_arg, note
+
+
+def _wmts(layer, extent: QgsRectangle, resolution_m: float, cache: str):
+    """GDAL's WMTS driver (a ``<GDAL_WMTS>`` description) at the tile matrix whose ground pixel at the extent's
+    centre is the finest not coarser than ``resolution_m``: GDAL reads the capabilities (here, in QGIS's
+    process, to list the matrices: the full-resolution dataset and its overviews, one per coarser matrix)."""
+    from .compat import gdal_open
+
+    params = dict(source_params(layer))
+    url, name, tms = params.get("url", ""), params.get("layers", ""), params.get("tileMatrixSet", "")
+    style, fmt = params.get("styles", ""), params.get("format", "image/png")
+    conn = f"WMTS:{url},layer={name}" + (f",tilematrixset={tms}" if tms else "") + (f",style={style}" if style else "")
+    ds, reason = gdal_open(conn)
+    if ds is None:
+        raise QgsProcessingException(f"The WMTS layer '{layer.name()}': GDAL cannot read its service {url} ({reason}).")
+    crs = QgsCoordinateReferenceSystem()
+    crs.createFromWkt(ds.GetProjectionRef())
+    area = QgsCoordinateTransform(layer.crs(), crs, QgsProject.instance()).transformBoundingBox(extent)
+    ground = metres_per_unit(crs, area.center())
+    band, p0 = ds.GetRasterBand(1), abs(ds.GetGeoTransform()[1])
+    n = band.GetOverviewCount()
+    levels = [(p0, n)] + [(p0 * ds.RasterXSize / band.GetOverview(k).XSize, n - 1 - k) for k in range(n)]
+    fine_enough = [lv for lv in levels if lv[0] * ground <= resolution_m * (1 + 1e-9)]
+    pixel, zoom = max(fine_enough) if fine_enough else min(levels)
+    xml = (f"<GDAL_WMTS><GetCapabilitiesUrl>{escape(url)}</GetCapabilitiesUrl><Layer>{escape(name)}</Layer>"
+           + (f"<Style>{escape(style)}</Style>" if style else "")
+           + (f"<TileMatrixSet>{escape(tms)}</TileMatrixSet>" if tms else "")
+           + f"<ZoomLevel>{zoom}</ZoomLevel><Format>{escape(fmt)}</Format><BandsCount>4</BandsCount>"
+           f"<Cache><Path>{escape(cache)}</Path></Cache><ZeroBlockHttpCodes>204,404</ZeroBlockHttpCodes>"
+           "<UserAgent>SRMF for QGIS (GDAL WMTS driver)</UserAgent></GDAL_WMTS>")
+    check, reason = gdal_open(xml)
+    if check is None or abs(abs(check.GetGeoTransform()[1]) - pixel) > 1e-6 * pixel:
+        raise QgsProcessingException(f"The WMTS layer '{layer.name()}': its tile matrix {zoom} is not the one GDAL "
+                                     f"listed ({reason or 'another pixel size'}); export the area to a GeoTIFF.")
+    extent_arg = f"{area.xMinimum()!r},{area.yMinimum()!r},{area.xMaximum()!r},{area.yMaximum()!r},{crs.authid()}"
+    note = (f"web layer '{layer.name()}' (WMTS {name}): tile matrix {zoom} ({pixel * ground:.3g} m pixels at the "
+            f"extent's centre), processed at {resolution_m:g} m; tiles cached in {cache}")
     return xml, extent_arg, note
 
 

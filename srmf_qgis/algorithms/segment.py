@@ -41,14 +41,14 @@ mask's polygons the classes are nodata); only the tiles that touch it are read a
 <b>Precision</b> (advanced): automatic runs the decode
 head in bf16 where the CPU or GPU does so natively, after checking the first batch against float32;
 float32 is exact; bf16 forces it (an error where it is not native).</p>
-<p><b>Web map layers</b> (XYZ tiles such as a satellite basemap, and WMS): the layer is read from its
+<p><b>Web map layers</b> (XYZ tiles such as a satellite basemap, WMTS and WMS): the layer is read from its
 server through GDAL, tile by tile, over the <b>processing extent</b> (required for a web layer; or the mask
 layer's extent) at the <b>processing resolution</b> (blank = the model's training resolution; 0 is refused:
-a web layer has no pixels of its own). XYZ tiles are read at the zoom level nearest that resolution and the
+a web layer has no pixels of its own). XYZ and WMTS tiles are read at the zoom level nearest that resolution and the
 outputs are in EPSG:3857; WMS outputs are in the layer's CRS. Tiles are cached under the QGIS profile
 (cache/srmf-web), so a second run over the same area downloads nothing; a tile the server does not give is
 asked for again (3 times, after 1, 2 and 4 s) before the run stops with the server's error, leaving no
-output. WMTS layers are not read yet. Respect the service's terms of use.</p>
+output. Respect the service's terms of use.</p>
 <p>Outputs: the <b>classified raster</b> (GeoTIFF, one byte per pixel = class id, 255 = nodata; same CRS,
 extent and pixel grid as the input; styled with the model's class colours and names, also written
 as a .qml beside it), optional <b>class probabilities</b> (one band per class, 0-250 = 0-100 %),

@@ -65,6 +65,28 @@ def tiles(tmp_path_factory):
             "count": (tx1 - tx0 + 1) * (ty1 - ty0 + 1)}
 
 
+def _wmts_capabilities(port: int, zmax: int = Z) -> str:
+    """A WMTS 1.0 capabilities document (RESTful) for the tiles: one layer "adelaide" on GoogleMapsCompatible
+    (EPSG:3857, levels 0..zmax; OGC's scale denominators: pixel size / 0.28 mm)."""
+    mats = "".join(
+        f"<TileMatrix><ows:Identifier>{z}</ows:Identifier><ScaleDenominator>{(2 * HALF / 256 / 2 ** z) / 0.00028!r}"
+        f"</ScaleDenominator><TopLeftCorner>{-HALF!r} {HALF!r}</TopLeftCorner><TileWidth>256</TileWidth>"
+        f"<TileHeight>256</TileHeight><MatrixWidth>{2 ** z}</MatrixWidth><MatrixHeight>{2 ** z}</MatrixHeight></TileMatrix>"
+        for z in range(zmax + 1))
+    return ('<?xml version="1.0" encoding="UTF-8"?><Capabilities xmlns="http://www.opengis.net/wmts/1.0" '
+            'xmlns:ows="http://www.opengis.net/ows/1.1" xmlns:xlink="http://www.w3.org/1999/xlink" version="1.0.0">'
+            "<ows:ServiceIdentification><ows:Title>test</ows:Title><ows:ServiceType>OGC WMTS</ows:ServiceType>"
+            "<ows:ServiceTypeVersion>1.0.0</ows:ServiceTypeVersion></ows:ServiceIdentification><Contents><Layer>"
+            "<ows:Title>adelaide</ows:Title><ows:Identifier>adelaide</ows:Identifier><ows:WGS84BoundingBox>"
+            "<ows:LowerCorner>-180 -85.0511287798</ows:LowerCorner><ows:UpperCorner>180 85.0511287798</ows:UpperCorner>"
+            '</ows:WGS84BoundingBox><Style isDefault="true"><ows:Identifier>default</ows:Identifier></Style>'
+            "<Format>image/png</Format><TileMatrixSetLink><TileMatrixSet>GoogleMapsCompatible</TileMatrixSet>"
+            f'</TileMatrixSetLink><ResourceURL format="image/png" resourceType="tile" template="http://127.0.0.1:{port}/'
+            '{TileMatrix}/{TileCol}/{TileRow}.png"/></Layer><TileMatrixSet><ows:Identifier>GoogleMapsCompatible'
+            "</ows:Identifier><ows:SupportedCRS>urn:ogc:def:crs:EPSG::3857</ows:SupportedCRS>" + mats
+            + "</TileMatrixSet></Contents></Capabilities>")
+
+
 class _Server:
     """A tile server on 127.0.0.1 (a port of its own, so GDAL's tile cache never answers for it): XYZ files
     from ``directory``; WMS GetMap requests cut from ``wms_source`` with GDAL; after ``fail_after`` requests
@@ -94,6 +116,14 @@ class _Server:
                     return
                 if self.path.startswith("/wms"):
                     return self._wms()
+                if self.path.endswith("/WMTSCapabilities.xml"):
+                    body = _wmts_capabilities(server.port).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if Path(self.translate_path(self.path)).is_file():
                     with server.lock:
                         server.served += 1
@@ -266,6 +296,27 @@ def test_a_wms_layer_gives_the_classes_of_its_source(provider, tiles, serve, tmp
     assert server.requests > 0
 
 
+def test_a_wmts_layer_gives_the_classes_of_the_xyz_tiles_it_serves(provider, tiles, serve, tmp_path, clean_project,
+                                                                     artifacts):
+    """A QGIS WMTS layer of a capabilities document served with the tiles (RESTful, GoogleMapsCompatible): tile
+    matrix 18 is chosen for 0.8 m, the classes equal those of the GeoTIFF the tiles were cut from (as XYZ)."""
+    server = serve(tiles["dir"])
+    layer = QgsRasterLayer("crs=EPSG:3857&format=image/png&layers=adelaide&styles=default&tileMatrixSet="
+                           f"GoogleMapsCompatible&url=http://127.0.0.1:{server.port}/WMTSCapabilities.xml",
+                           "Adelaide WMTS", "wms")
+    assert layer.isValid(), layer.error().summary()
+    QgsProject.instance().addMapLayer(layer)
+    res, fb = _segment(layer.id(), tiles["extent"], tmp_path / "wmts.tif")
+    assert any(f"tile matrix {Z}" in i for i in fb.infos), fb.infos
+    ref, _ = _segment(str(tiles["reference"]), tiles["extent"], tmp_path / "reference.tif")
+    assert _grid(res["OUTPUT"]) == _grid(ref["OUTPUT"])
+    a, b = read_band(res["OUTPUT"]), read_band(ref["OUTPUT"])
+    valid = b != 255
+    same = float((a[valid] == b[valid]).mean())
+    _record(artifacts, "wmts_same_classes", same)
+    assert ((a == 255) == (b == 255)).all() and same >= 0.99, same
+
+
 def _run_wms_source(layer, extent, out):
     """The WMS path of srmf:segment without QGIS's WMS provider, which asks the server for a capabilities
     document before it makes a layer valid (the test server has none): the service description that
@@ -305,8 +356,8 @@ def test_web_layers_refuse_what_they_cannot_do(provider, tiles, serve, tmp_path,
     assert server.requests == 0  # refused before any tile was asked for
     wmts = QgsRasterLayer("crs=EPSG:3857&format=image/png&layers=x&styles=default&tileMatrixSet=GoogleMapsCompatible"
                           "&url=http://127.0.0.1:9/WMTSCapabilities.xml", "a WMTS", "wms")
-    with pytest.raises(QgsProcessingException, match="WMTS"):
-        web.web_source(wmts, QgsRectangle(*tiles["extent"]), 0.8, str(tmp_path))
+    with pytest.raises(QgsProcessingException, match="WMTS layer 'a WMTS': GDAL cannot read its service"):
+        web.web_source(wmts, QgsRectangle(*tiles["extent"]), 0.8, str(tmp_path))  # nothing listens on port 9
     quad = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/%7Bq%7D.png", "quadkeys", "wms")
     with pytest.raises(QgsProcessingException, match=r"\{q\}"):
         web.web_source(quad, QgsRectangle(*tiles["extent"]), 0.8, str(tmp_path))
