@@ -276,6 +276,11 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
         model = build_from_config(arch, len(header["classes"]), bank, in_bands=len(header["input"]["bands"]))
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"{path}: cannot build the network the header describes ({exc})") from exc
+    stem = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
+    weight = state.get(f"{stem}.weight") if stem else None
+    if weight is not None and weight.ndim == 4 and weight.shape[1] != len(header["input"]["bands"]):
+        raise ModelFileError(f"{path}: input.bands lists {len(header['input']['bands'])} bands but the network's "
+                             f"first convolution reads {weight.shape[1]} channels")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
