@@ -214,9 +214,10 @@ def test_finetune_action_opens_the_dialog_on_the_layer(plugin, qgis_iface, clean
 def test_one_click_segment_on_a_non_gdal_layer_says_why(plugin, qgis_iface, clean_project):
     from srmf_qgis.tasks import segment_parameters
 
-    wms = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/{z}/{x}/{y}.png", "tiles", "wms")
-    with pytest.raises(Exception, match="GDAL"):
-        segment_parameters(wms)
+    # web map layers (the "wms" provider: XYZ, WMTS, WMS) are read (tests/qgis/test_qgis_web.py); a WCS is not
+    wcs = QgsRasterLayer("url=http://127.0.0.1:9/wcs&identifier=coverage", "coverage", "wcs")
+    with pytest.raises(Exception, match="'wcs' data provider; SRMF reads rasters through GDAL"):
+        segment_parameters(wcs)
 
 
 @pytest.mark.skipif(not have_make(), reason="make is not installed")

@@ -90,7 +90,8 @@ def _wmts_capabilities(port: int, zmax: int = Z) -> str:
 class _Server:
     """A tile server on 127.0.0.1 (a port of its own, so GDAL's tile cache never answers for it): XYZ files
     from ``directory``; WMS GetMap requests cut from ``wms_source`` with GDAL; after ``fail_after`` requests
-    every request gets HTTP 503 (the server "stops answering")."""
+    every request gets HTTP 503 (the server "stops answering"). Only the engine's requests (GDAL with SRMF's
+    User-Agent) are counted and failed: QGIS may render the layer on the test's map canvas meanwhile."""
 
     def __init__(self, directory: Path, wms_source: Path = None, fail_after: int = None):
         self.requests = 0
@@ -105,6 +106,16 @@ class _Server:
                 pass
 
             def do_GET(self):  # noqa: N802
+                if self.path.endswith("/WMTSCapabilities.xml"):
+                    body = _wmts_capabilities(server.port).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if not self.headers.get("User-Agent", "").startswith("SRMF for QGIS"):
+                    return super().do_GET()  # QGIS's own map rendering of the layer: not counted, never failed
                 with server.lock:
                     server.requests += 1
                     fail = server.fail_after is not None and server.requests > server.fail_after
@@ -116,14 +127,6 @@ class _Server:
                     return
                 if self.path.startswith("/wms"):
                     return self._wms()
-                if self.path.endswith("/WMTSCapabilities.xml"):
-                    body = _wmts_capabilities(server.port).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
                 if Path(self.translate_path(self.path)).is_file():
                     with server.lock:
                         server.served += 1
