@@ -60,6 +60,18 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def canvas_not_drawn(qgis_iface):
+    """The test interface's map canvas is never drawn: the tests read its extent (Segment visible extent) and
+    render pictures with their own map settings (srmf_qgis.quicklook.render_map). A drawing canvas only adds
+    render threads racing the layers the tests add and clear — QGIS 3.40 crashed once in such a race
+    (in processEvents while a one-click task finished; not reproduced on 3.22)."""
+    canvas = qgis_iface.mapCanvas()
+    canvas.setRenderFlag(False)
+    canvas.setParallelRenderingEnabled(False)
+    yield canvas
+
+
+@pytest.fixture(scope="session", autouse=True)
 def engine_interpreter():
     """The repository's .venv runs the engine (through SRMF_PYTHON); QGIS settings start clean."""
     from qgis.core import QgsSettings
