@@ -46,13 +46,16 @@ def layer_filter(*names: str):
     """The layer filter of ``names`` (``"RasterLayer"``, ``"PolygonLayer"``, ...) OR-ed, for
     ``QgsMapLayerComboBox.setFilters``: ``Qgis.LayerFilter`` from QGIS 3.34 (QgsMapLayerProxyModel.Filter is
     deprecated there), else ``QgsMapLayerProxyModel.Filter``."""
+    import functools
+    import operator
+
     if hasattr(Qgis, "LayerFilter"):
         # Qgis.LayerFilter is an IntFlag: OR-ed members are a plain int, which sip hands to the deprecated
         # overload; Qgis.LayerFilters(...) picks the current one
-        value = Qgis.LayerFilters(getattr(Qgis.LayerFilter, names[0]))
-        for n in names[1:]:
-            value = value | getattr(Qgis.LayerFilter, n)
-        return value
+        return Qgis.LayerFilters(functools.reduce(operator.or_, (getattr(Qgis.LayerFilter, n) for n in names)))
+    from qgis.core import QgsMapLayerProxyModel
+
+    return functools.reduce(operator.or_, (getattr(QgsMapLayerProxyModel.Filter, n) for n in names))
     from qgis.core import QgsMapLayerProxyModel
 
     value = getattr(QgsMapLayerProxyModel.Filter, names[0])

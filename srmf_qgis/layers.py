@@ -53,7 +53,7 @@ def vector_source(layer: QgsVectorLayer, context, feedback=None, what: str = "po
             single = len(layer.dataProvider().subLayers()) <= 1
         if os.path.isfile(path) and not options and single and not layer.subsetString():
             return os.path.abspath(path)
-    target = QgsProcessingUtils.generateTempFilename(f"{_safe(layer.name())}.gpkg")
+    target = QgsProcessingUtils.generateTempFilename(f"{safe_name(layer.name())}.gpkg")
     opts = QgsVectorFileWriter.SaveVectorOptions()
     opts.driverName = "GPKG"
     opts.fileEncoding = "UTF-8"
@@ -76,8 +76,10 @@ def layer_path(layer: QgsMapLayer, context, feedback=None, what: str = "layer") 
     raise QgsProcessingException(f"The {what} '{layer.name()}' is neither a raster nor a vector layer.")
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60] or "layer"
+def safe_name(name: str, default: str = "layer", limit: int = 60) -> str:
+    """``name`` as a file stem: letters, digits, ``-`` and ``_`` kept, anything else ``_``, at most ``limit``
+    characters; ``default`` when nothing is left."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:limit] or default
 
 
 def field_is_numeric(layer: QgsVectorLayer, field: str) -> Optional[bool]:

@@ -126,11 +126,6 @@ def default_output_path(source: str, suffix: str = "_srmf_classes", ext: str = "
     return str(candidate)
 
 
-def _web_stem(layer) -> str:
-    """A file stem for the outputs of a web layer (no file of its own: they go to Documents/SRMF)."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in layer.name())[:60] or "web_layer"
-
-
 def add_class_raster(path: str, name: str, classes=None, project: Optional[QgsProject] = None,
                      group: Optional[str] = None) -> QgsRasterLayer:
     """Add a class raster to the project, styled (its .qml is loaded; ``classes`` re-apply the palette); with
@@ -173,7 +168,7 @@ def result_classes(results: dict) -> list:
 def segment_parameters(layer, model: Optional[str] = None, output: Optional[str] = None, device: Optional[str] = None,
                        **extra) -> dict:
     """srmf:segment parameters for a one-click run on ``layer`` (the last-used model, else the default)."""
-    from .layers import raster_source
+    from .layers import raster_source, safe_name
     from .web import is_web_layer
 
     model = model if model is not None else str(runtime.get_setting(runtime.SETTINGS_LAST_MODEL, "") or "")
@@ -181,7 +176,8 @@ def segment_parameters(layer, model: Optional[str] = None, output: Optional[str]
         model = ""
     dev = {"cpu": 1, "cuda": 2}.get(str(device or runtime.get_setting(runtime.SETTINGS_DEVICE, "auto")), 0)
     params = {"INPUT": layer.id(), "MODEL": model or None, "DEVICE": dev,
-              "OUTPUT": output or default_output_path(_web_stem(layer) if is_web_layer(layer) else raster_source(layer)),
+              "OUTPUT": output or default_output_path(safe_name(layer.name(), "web_layer") if is_web_layer(layer)  # no file: Documents/SRMF
+                                                    else raster_source(layer)),
               "OUTPUT_AREAS": None}
     params.update(extra)
     return params

@@ -32,6 +32,8 @@ from xml.sax.saxutils import escape
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsDistanceArea, QgsPointXY,
                        QgsProcessingException, QgsProject, QgsRectangle)
 
+from .layers import safe_name
+
 WEB_PROVIDER = "wms"  # QGIS's provider key of WMS, WMTS and XYZ layers
 MERCATOR_HALF_WORLD = 20037508.342789244  # EPSG:3857 metres from the origin to the edge of the tile grid
 TILE = 256
@@ -111,7 +113,7 @@ def web_source(layer, extent: QgsRectangle, resolution_m: float, folder: str, ca
     build = {"xyz": _xyz, "wmts": _wmts}.get(what, _wms)
     xml, extent_arg, note = build(layer, extent, resolution_m, cache)
     name = hashlib.sha1(xml.encode()).hexdigest()[:12]
-    path = os.path.join(folder, f"{_safe(layer.name())}-{name}.xml")
+    path = os.path.join(folder, f"{safe_name(layer.name(), 'web', 40)}-{name}.xml")
     with open(path, "w", encoding="utf-8") as f:
         f.write(xml)
     return path, extent_arg, note
@@ -224,6 +226,3 @@ def _wms(layer, extent: QgsRectangle, resolution_m: float, cache: str):
             f"tiles cached in {cache}")
     return xml, f"{x0!r},{y0!r},{x1!r},{y1!r},{crs}", note
 
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40] or "web"

@@ -79,7 +79,6 @@ def write_class_polygons(class_raster, out_path, classes: Sequence[dict], thresh
     """
     from core.files import atomic_output
     from core.geo.failures import checked_close, writing
-    from core.geo.raster import ground_scale
 
     src = gdal.Open(str(class_raster))
     band = src.GetRasterBand(1)
@@ -93,7 +92,7 @@ def write_class_polygons(class_raster, out_path, classes: Sequence[dict], thresh
         band = sieved
     names = {int(c["id"]): str(c["name"]) for c in classes}
     px_m2 = pixel_area_m2(src)
-    unit2 = None if px_m2 is None else (src.GetSpatialRef().GetLinearUnits() * ground_scale(src)) ** 2
+    unit2 = None if px_m2 is None else px_m2 / _pixel_area(src)  # m² per CRS unit² (ground-scaled)
     out = Path(out_path)
     with atomic_output(out, create=False) as tmp, writing(out):
         ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp))

@@ -130,7 +130,7 @@ class SRMFAlgorithm(QgsProcessingAlgorithm):
     def area_args(self, parameters, context, feedback) -> list:
         """``--extent`` (EXTENT in the CRS of the INPUT raster layer) and ``--mask`` (the MASK layer's file)."""
         args = []
-        if parameters.get("EXTENT") not in (None, "") and not _is_null(parameters.get("EXTENT")):
+        if given(parameters, "EXTENT"):
             layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
             crs = layer.crs() if layer is not None else self.parameterAsExtentCrs(parameters, "EXTENT", context)
             rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
@@ -191,6 +191,12 @@ class SRMFAlgorithm(QgsProcessingAlgorithm):
                                       progress_range=progress_range)
         except runtime.EngineError as exc:
             raise QgsProcessingException(str(exc)) from None
+
+
+def given(parameters: dict, name: str) -> bool:
+    """True when the parameter ``name`` has a value (not absent, None, blank text or a NULL QVariant)."""
+    value = parameters.get(name)
+    return not (value is None or (isinstance(value, str) and not value.strip()) or _is_null(value))
 
 
 def _is_null(value) -> bool:

@@ -16,7 +16,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
 from ..compat import field_type
 from .. import runtime, styling, web
 from ..layers import raster_source
-from .base import ScaledFeedback, SRMFAlgorithm, _is_null, absolute, advanced
+from .base import ScaledFeedback, SRMFAlgorithm, _is_null, absolute, advanced, given
 
 HELP = """<p>Classifies every pixel of a raster layer with an SRMF model (semantic segmentation), on a
 CUDA GPU when there is one, else on the CPU. The model runs in its own Python process: QGIS stays
@@ -171,7 +171,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
         return source, Path(source).stem
 
     def _web_input(self, layer, parameters, context, model, feedback):
-        """A web map layer (XYZ, WMS) as a GDAL service description (:func:`srmf_qgis.web.web_source`):
+        """A web map layer (XYZ, WMTS, WMS) as a GDAL service description (:func:`srmf_qgis.web.web_source`):
         ``(the .xml path, the engine's --extent, the --resolution in metres)``. The resolution is the RESOLUTION
         parameter, blank = the model's training GSD; the area is the processing extent, else the mask's extent.
 
@@ -183,8 +183,8 @@ class SegmentAlgorithm(SRMFAlgorithm):
 
         from ..modelheader import read_header
 
-        value = parameters.get("RESOLUTION")
-        if value is None or (isinstance(value, str) and not value.strip()) or _is_null(value):
+        metres = self.optional_double(parameters, "RESOLUTION", context)
+        if metres is None:
             model_file = model or str(runtime.DEFAULT_MODEL)
             try:
                 metres = float(read_header(model_file).get("gsd_m") or 0.0)
@@ -194,13 +194,11 @@ class SegmentAlgorithm(SRMFAlgorithm):
                 raise QgsProcessingException(
                     f"The web layer '{layer.name()}' needs a processing resolution: the model {model_file} does not "
                     "record the ground resolution it was trained at. Give the processing resolution in metres.")
-        else:
-            metres = self.parameterAsDouble(parameters, "RESOLUTION", context)
-            if metres <= 0:
-                raise QgsProcessingException(
-                    f"The web layer '{layer.name()}' has no pixels of its own (the server draws it at any scale): "
-                    "give the processing resolution in metres (blank: the model's own).")
-        if parameters.get("EXTENT") not in (None, "") and not _is_null(parameters.get("EXTENT")):
+        elif metres <= 0:
+            raise QgsProcessingException(
+                f"The web layer '{layer.name()}' has no pixels of its own (the server draws it at any scale): "
+                "give the processing resolution in metres (blank: the model's own).")
+        if given(parameters, "EXTENT"):
             extent = self.parameterAsExtent(parameters, "EXTENT", context, layer.crs())
         else:
             mask = self.parameterAsVectorLayer(parameters, "MASK", context)
