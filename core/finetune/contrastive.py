@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from core.classtable import IGNORE
+from core.losses import supcon_loss  # noqa: F401 - the loss lives on the floor (pretraining uses it too)
 
 LEVELS = ("pixel", "region", "both")
 
@@ -99,41 +100,6 @@ def region_embeddings(z: torch.Tensor, labels: torch.Tensor, ignore_index: int =
     if not out:
         return z.new_zeros((0, C)), torch.zeros(0, dtype=torch.int64, device=z.device)
     return F.normalize(torch.stack(out), dim=1, eps=1e-6), torch.tensor(cls, dtype=torch.int64, device=z.device)
-
-
-def supcon_loss(anchors: torch.Tensor, anchor_cls: torch.Tensor, temperature: float,
-                bank: Optional[torch.Tensor] = None, bank_cls: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
-    """Multi-positive InfoNCE (SupCon L_out), averaged per class then over classes.
-
-    Args:
-        anchors: float (N, C) unit norm (gradients flow through them). anchor_cls: int64 (N,).
-        temperature: τ > 0. bank, bank_cls: optional extra contrast entries (M, C) / (M,) (detached).
-
-    Returns:
-        ``(loss scalar, anchors used)``; the loss is 0 (with a graph) when no anchor has a positive.
-    """
-    contrast, ccls = anchors, anchor_cls
-    if bank is not None and len(bank):
-        contrast = torch.cat([anchors, bank.to(anchors.dtype)])
-        ccls = torch.cat([anchor_cls, bank_cls])
-    logits = anchors @ contrast.T / temperature
-    n = anchors.shape[0]
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[torch.arange(n), torch.arange(n)] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = (anchor_cls[:, None] == ccls[None, :]) & ~self_mask
-    n_pos = pos.sum(1)
-    has = n_pos > 0
-    if not bool(has.any()):
-        return anchors.sum() * 0.0, 0
-    per_anchor = -(log_prob.masked_fill(~pos, 0.0).sum(1)[has] / n_pos[has])
-    cls_used = anchor_cls[has]
-    classes, inv = torch.unique(cls_used, return_inverse=True)
-    per_class = torch.zeros(len(classes), dtype=per_anchor.dtype, device=per_anchor.device)
-    per_class = per_class.index_add(0, inv, per_anchor)
-    counts = torch.bincount(inv, minlength=len(classes)).to(per_anchor.dtype)
-    return (per_class / counts).mean(), int(has.sum())
 
 
 class ContrastiveRegulariser(nn.Module):

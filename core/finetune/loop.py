@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from core.execution import channels_last, precision_scope, prepare_model, resolve_precision
 from core.errors import Cancelled, InputError
-from core.finetune.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
+from core.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from core.finetune.config import TrainConfig, lr_factor, time_budget_factor
 from core.finetune.distributed import DistInfo, _barrier
 from core.metrics import confusion, iou_from_confusion
@@ -87,6 +87,22 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
     for g in out:
         g["initial_lr"] = g["lr"]
     return out
+
+
+def freeze_encoder(model: nn.Module) -> None:
+    """Keep ``model.encoder`` as it is while the rest trains (``--freeze-encoder``, the frozen-backbone
+    protocol of self-supervised evaluation): no gradient for its parameters (so the optimiser leaves them
+    out) and evaluation mode for good, its batch-norm statistics included — ``model.train()`` leaves it in
+    evaluation mode."""
+    enc = model.encoder
+    for p in enc.parameters():
+        p.requires_grad_(False)
+
+    def stay_in_eval(mode: bool = True, _enc=enc):
+        return nn.Module.train(_enc, False)
+
+    enc.train = stay_in_eval
+    enc.eval()
 
 
 @torch.no_grad()
@@ -201,6 +217,9 @@ class Trainer:
         self.config, self.mean, self.std, self.device, self.on_best = config, mean, std, device, on_best
         self.K = len(class_names)
         prepare_model(model, device).train()  # channels_last weights (core.execution)
+        if config.freeze_encoder:
+            freeze_encoder(model)
+            self.rep.log("the encoder is frozen (its weights and batch-norm statistics): only the head trains")
         self.net = self._parallel(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
                                            lr=config.lr, weight_decay=config.weight_decay)

@@ -236,6 +236,33 @@ def _valid_mask_for_band(band, x, y, w, h, bw, bh, data=None) -> np.ndarray:
     return m > 0
 
 
+def decimated_valid_mask(ds: gdal.Dataset, bands: Sequence[int], side: int = 1024, name=None) -> Tuple[np.ndarray, float]:
+    """Where the selected bands hold data, on a read decimated to at most ``side`` pixels a side (GDAL uses
+    the overviews when there are some): valid where any selected band is valid (the nodata rule of
+    :class:`StripReader`) and no float band holds NaN or +-inf.
+
+    Returns:
+        ``(valid bool (bh, bw), factor)``: raster pixels per decimated pixel (>= 1), the same on both axes.
+
+    Raises:
+        ReadError: GDAL cannot read the pixels, naming the file.
+    """
+    w, h = ds.RasterXSize, ds.RasterYSize
+    f = max(1.0, max(w, h) / side)
+    bw, bh = max(1, int(round(w / f))), max(1, int(round(h / f)))
+    if not has_nodata(ds, bands):
+        return np.ones((bh, bw), dtype=bool), f
+    valid, finite = np.zeros((bh, bw), dtype=bool), np.ones((bh, bw), dtype=bool)
+    with reading(name or ds.GetDescription()):
+        for b in sorted(set(bands)):
+            band = ds.GetRasterBand(b)
+            arr = band.ReadAsArray(0, 0, w, h, buf_xsize=bw, buf_ysize=bh)
+            valid |= _valid_mask_for_band(band, 0, 0, w, h, bw, bh, arr)
+            if arr.dtype.kind in "fc":
+                finite &= np.isfinite(arr)
+    return valid & finite, f
+
+
 FLOAT_TYPES = {gdal.GDT_Float32, gdal.GDT_Float64, gdal.GDT_CFloat32, gdal.GDT_CFloat64}
 
 
@@ -296,15 +323,26 @@ class StripReader:
                     raise web_read_error(self.name, exc, attempt + 1) from None
                 time.sleep(self.retry_delay_s * 2 ** attempt)
 
-    def _read(self, y0: int, rows: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def read_window(self, x0: int, y0: int, cols: int, rows: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The window of ``cols`` x ``rows`` pixels at column ``x0``, row ``y0`` (inside the raster), as
+        :meth:`read` returns a strip: ``(data (n_bands, rows, cols), valid (rows, cols) or None)``.
+
+        Raises:
+            ReadError: GDAL cannot read it (a truncated or damaged file), naming the file.
+        """
+        with reading(self.name):
+            return self._read(y0, rows, x0, cols)
+
+    def _read(self, y0: int, rows: int, x0: int = 0, cols: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        cols = self.width if cols is None else cols
         raw = {}
         valid = None
         finite = None
         for b in self.unique:
             band = self.ds.GetRasterBand(b)
-            arr = band.ReadAsArray(0, y0, self.width, rows)
+            arr = band.ReadAsArray(x0, y0, cols, rows)
             if self.masked:
-                v = _valid_mask_for_band(band, 0, y0, self.width, rows, self.width, rows, arr)
+                v = _valid_mask_for_band(band, x0, y0, cols, rows, cols, rows, arr)
                 valid = v if valid is None else (valid | v)
             if arr.dtype.kind in "fc":
                 ok = np.isfinite(arr)

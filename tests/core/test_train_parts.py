@@ -7,7 +7,7 @@ import torch
 
 from core.model.network import SRMFNet
 from core.metrics import confusion, iou_from_confusion
-from core.finetune.checkpoint import load_checkpoint, save_checkpoint
+from core.checkpoint import load_checkpoint, save_checkpoint
 from core.finetune.config import lr_factor, time_budget_factor
 from core.finetune.loop import param_groups, tune_cpu_allocator
 
