@@ -2,7 +2,8 @@
 
 Commands: ``info MODEL`` (describe a model file), ``segment INPUT OUTPUT`` (streaming segmentation),
 ``finetune``, ``evaluate``, ``findclass RASTER EXAMPLES OUTPUT_DIR`` (cold-start class discovery),
-``findclass-handoff CANDIDATES OUTPUT_DIR --class-name NAME`` (its reviewed candidates → fine-tuning inputs).
+``findclass-handoff CANDIDATES OUTPUT_DIR --class-name NAME`` (its reviewed candidates → fine-tuning inputs),
+``pretrain OUT.srmf --raster A.tif`` (self-supervised pretraining on unlabelled rasters).
 Exit codes: 0 success, 1 engine error, 2 bad input (file, band or parameter), 130 cancelled.
 With ``--json`` every message is a JSON line (see :mod:`core.protocol`).
 """
@@ -49,6 +50,8 @@ COMMANDS = {
                  "accuracy assessment of a class raster against a reference raster or polygons"),
     "findclass": ("core.findclass.command", "add_findclass_arguments", "run_findclass_command",
                   "find where a new class occurs from a few example polygons (relevance raster, ranked candidates)"),
+    "pretrain": ("core.pretrain.command", "add_pretrain_arguments", "run_pretrain_command",
+                 "self-supervised pretraining of a model's encoder on unlabelled rasters (SimCLR, GraSS)"),
     "findclass-handoff": ("core.findclass.command", "add_handoff_arguments", "run_handoff_command",
                           "turn a reviewed candidates.gpkg into labels and a base model with the new class"),
 }

@@ -384,11 +384,16 @@ def load_job_model(model, window: Optional[int], stride: Optional[int], rep, unt
     Returns:
         ``(LoadedModel, window, stride)`` in pixels.
     Raises:
-        ModelFileError: an unusable model file; InputError: an invalid window/stride.
+        ModelFileError: an unusable model file; InputError: an invalid window/stride, or a pretrained
+            encoder whose head is untrained (``python -m core pretrain``'s output: fine-tune it first).
     """
     from core.model.modelfile import DEFAULT_MODEL_PATH, LoadedModel, load_model
 
     lm = model if isinstance(model, LoadedModel) else load_model(model or DEFAULT_MODEL_PATH, device="cpu")
+    if lm.head_untrained:
+        raise InputError(f"The model {lm.path.name} is a self-supervised pretrained encoder with an untrained "
+                         "decode head: it maps no classes. Fine-tune it on labels first "
+                         f"(python -m core finetune --base-model {lm.path.name} ...), then use the fine-tuned model")
     if lm.untrained:
         rep.warning(f"The model {lm.path.name} is an UNTRAINED PLACEHOLDER: {untrained_note}")
     inference = lm.header["inference"]

@@ -41,6 +41,8 @@ def add_finetune_arguments(p) -> None:
     p.add_argument("--val-labels", action="append", default=[], help="labels of the validation raster(s)")
     p.add_argument("--eval-interval", type=int, default=D.eval_interval, help="validate every N iterations")
     p.add_argument("--checkpoint-interval", type=int, default=D.checkpoint_interval, help="checkpoint every N iterations")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decode head only: the encoder's weights and batch-norm statistics stay as they are")
     p.add_argument("--no-mars", action="store_true", help="class balancing off: no multi-scale anchored sampling")
     p.add_argument("--no-srr", action="store_true", help="class balancing off: no rare-region resampling (SRR-TA)")
     p.add_argument("--srr-k", type=int, default=D.srr_k, help="rare-region crops per drawn image")
@@ -153,6 +155,7 @@ def config_from_args(args) -> TrainConfig:
                        contrastive_temperature=args.contrastive_temperature,
                        contrastive_anchors=args.contrastive_anchors, contrastive_queue=args.contrastive_queue,
                        precision=getattr(args, "precision", TrainConfig.precision),
+                       freeze_encoder=getattr(args, "freeze_encoder", False),
                        augment=getattr(args, "augment", TrainConfig.augment))
 
 

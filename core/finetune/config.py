@@ -28,6 +28,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (core.execution; autocast, the weights stay float32)
     augment: str = "flip"  # flip | d4 | photometric (core.finetune.augment)
+    freeze_encoder: bool = False  # train the head only (the encoder's weights and statistics kept)
     mars: bool = True
     srr: bool = True
     srr_k: int = 4

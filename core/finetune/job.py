@@ -296,6 +296,8 @@ def _initial_model(lm, classes: Sequence[dict], train_imgs: Sequence, config, ar
         model, new_header = _fresh_model(architecture, classes, header, text_encoder)
         report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
         return model, new_header, report
+    if (header.get("provenance") or {}).get("untrained_head"):
+        return _pretrained_start(lm, classes, config, text_encoder)
     base_ids = {str(c["name"]).lower() for c in lm.classes}
     new_names = [c for c in classes if c.get("from") is None and c["name"].lower() not in base_ids]
     init = {}
@@ -304,6 +306,27 @@ def _initial_model(lm, classes: Sequence[dict], train_imgs: Sequence, config, ar
         feats = mean_class_features(lm.model, train_imgs, [int(c["id"]) for c in new_names], mean, std, seed=config.seed)
         init = {c["name"]: feats[int(c["id"])] for c in new_names if int(c["id"]) in feats}
     return adapt_classes(lm.model, header, classes, text_encoder=text_encoder, init_features=init)
+
+
+def _pretrained_start(lm, classes: Sequence[dict], config, text_encoder):
+    """A pretrained encoder (``python -m core pretrain``; its head untrained) → ``(model, header, report)``: a
+    fresh head of its architecture for ``classes`` (text bank rebuilt from the vocabulary and the classes'
+    prompts, as for a new model) on its encoder, its input statistics and GSD kept."""
+    import torch
+
+    header = lm.header
+    arch = {**header["architecture"], "encoder_weights": None, "gsd_m": header.get("gsd_m"),
+            "text_encoder": (header.get("text_encoder") or {}).get("id", "minilm")}
+    torch.manual_seed(config.seed)
+    model, new_header = _fresh_model(arch, classes, header, text_encoder)
+    if len(header["input"]["bands"]) != 3:
+        from core.model.bands import widen_first_conv
+
+        widen_first_conv(model, len(header["input"]["bands"]))
+    model.encoder.load_state_dict(lm.model.encoder.state_dict())
+    new_header["encoder_pretraining"] = {k: v for k, v in (header.get("pretraining") or {}).items() if k != "loss_curve"}
+    report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
+    return model, new_header, report
 
 
 def _log_class_changes(report: dict, rep) -> None:

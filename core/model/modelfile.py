@@ -242,6 +242,11 @@ class LoadedModel:
     def untrained(self) -> bool:
         return bool((self.header.get("provenance") or {}).get("untrained", False))
 
+    @property
+    def head_untrained(self) -> bool:
+        """True for a pretrained encoder whose decode head was never trained (``python -m core pretrain``)."""
+        return bool((self.header.get("provenance") or {}).get("untrained_head", False))
+
 
 def load_model(path, device: str = "cpu") -> LoadedModel:
     """Load a ``.srmf`` file: header checks, then the network built from the header, then the weights.
@@ -303,6 +308,14 @@ def describe(header: dict, path=None) -> str:
     prov = header.get("provenance") or {}
     if prov.get("untrained"):
         lines.append("WARNING: UNTRAINED PLACEHOLDER — predictions are not meaningful")
+    if prov.get("untrained_head"):
+        lines.append("PRETRAINED ENCODER, UNTRAINED HEAD — fine-tune it (finetune --base-model) before segmenting")
+    for key, what in (("pretraining", "Pretraining"), ("encoder_pretraining", "Encoder pretraining")):
+        pre = header.get(key)
+        if isinstance(pre, dict):
+            lines.append(f"{what}: {pre.get('method')}, {pre.get('iterations')} steps "
+                         f"({pre.get('gs_iterations', 0)} gradient-guided) in {pre.get('seconds')} s on "
+                         f"{len(pre.get('rasters') or [])} raster(s), from {pre.get('started_from')}")
     lines.append(f"Architecture: {arch.get('name', 'srmf')} (backbone {arch['backbone']}, "
                  f"text fusion {'on' if arch.get('text_fusion', True) else 'off'})")
     te = header.get("text_encoder") or {}
