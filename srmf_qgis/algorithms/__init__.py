@@ -3,7 +3,8 @@ from .evaluate import EvaluateAlgorithm
 from .finetune import FinetuneAlgorithm
 from .findclass import FindClassAlgorithm, FindClassHandoffAlgorithm
 from .modelinfo import ModelInfoAlgorithm
+from .pretrain import PretrainAlgorithm
 from .segment import SegmentAlgorithm
 
 ALGORITHMS = (SegmentAlgorithm, FinetuneAlgorithm, EvaluateAlgorithm, FindClassAlgorithm, FindClassHandoffAlgorithm,
-              ModelInfoAlgorithm)
+              ModelInfoAlgorithm, PretrainAlgorithm)

@@ -33,7 +33,8 @@ class keeps what the model has learnt (blank: the class of the same name, or a n
 when there are several, else the bottom rows; or give <b>validation rasters</b> and their labels). The best
 model by validation mIoU is kept. Advanced: <b>class balancing</b> (SRMF's multi-scale anchored crops
 and rare-region resampling; on by default), training crop size, validation interval, gradient
-accumulation, seed, <b>precision</b> (automatic: bf16 autocast where the CPU or GPU runs it natively;
+accumulation, <b>freeze the encoder</b> (train the head only: for an encoder pretrained on your
+imagery with <i>Pretrain encoder</i> and very few labels), seed, <b>precision</b> (automatic: bf16 autocast where the CPU or GPU runs it natively;
 float32: exact) and <b>continue a stopped run</b>.</p>
 <p><b>Multispectral models</b> (advanced): <b>Model bands</b> names the new model's bands, red, green, blue
 first, then more (nir, rededge, swir1 …), e.g. <i>red,green,blue,nir</i> for NAIP or aerial CIR. The base
@@ -136,6 +137,9 @@ class FinetuneAlgorithm(SRMFAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "VALIDATION_INTERVAL", self.tr("Validate every N iterations"), QgsProcessingParameterNumber.Type.Integer,
             defaultValue=d["eval_interval"], minValue=1)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean(
+            "FREEZE_ENCODER", self.tr("Freeze the encoder (train the decode head only: for a pretrained encoder "
+                                      "and very few labels)"), defaultValue=False)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             "ACCUMULATE", self.tr("Gradient accumulation steps (for small GPUs)"),
             QgsProcessingParameterNumber.Type.Integer, defaultValue=d["accumulate"], minValue=1, maxValue=256)))
@@ -290,6 +294,8 @@ class FinetuneAlgorithm(SRMFAlgorithm):
                 args += [flag, str(value)]
         if self.parameterAsBoolean(parameters, "RESUME", context):
             args.append("--resume")
+        if "FREEZE_ENCODER" in parameters and self.parameterAsBoolean(parameters, "FREEZE_ENCODER", context):
+            args.append("--freeze-encoder")
         for name, flag in (("MODEL_BANDS", "--model-bands"), ("RASTER_BANDS", "--bands")):
             text = (self.parameterAsString(parameters, name, context) or "").replace(" ", "")
             if text:

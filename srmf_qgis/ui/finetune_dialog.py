@@ -353,14 +353,20 @@ class FinetuneDialog(QDialog):
 
     def load_base_classes(self, replace: bool = True, quiet: bool = False) -> bool:
         """Fill the class table with the base model's classes (``core info``, no torch needed)."""
-        if not replace and self.class_table.entries():
-            return False
         model = self.base_model_path()
         from ..modelheader import read_header
 
         try:  # instant: the file's JSON header; the engine explains a file it cannot read
-            classes = read_header(model or runtime.DEFAULT_MODEL)["classes"]
+            header = read_header(model or runtime.DEFAULT_MODEL)
         except ValueError:
+            header = None
+        if header is not None:
+            self._note_pretrained(header)
+        if not replace and self.class_table.entries():
+            return False
+        if header is not None:
+            classes = header["classes"]
+        else:
             try:
                 result = runtime.run_engine("info", [model] if model else [], None, require_torch=False)
             except runtime.EngineError as exc:
@@ -370,6 +376,17 @@ class FinetuneDialog(QDialog):
             classes = (result.get("header") or {}).get("classes") or []
         self.class_table.set_entries(classtable.from_model_classes(classes))
         return True
+
+    def _note_pretrained(self, header: dict) -> None:
+        """Say so when the base model is a pretrained encoder (``srmf:pretrain``): its head is untrained, the
+        classes it lists are placeholders, fine-tuning trains a new head on its encoder."""
+        if not (header.get("provenance") or {}).get("untrained_head"):
+            return
+        pre = header.get("pretraining") or {}
+        self.show_message(f"The base model is an encoder pretrained without labels ({pre.get('method', '?')}, "
+                          f"{pre.get('iterations', '?')} steps): its head is untrained and its classes are placeholders. "
+                          "Set your classes (Classes from the labels); fine-tuning trains a new head on this encoder.",
+                          Qgis.MessageLevel.Info)
 
     def load_label_classes(self) -> int:
         """Add a class for every value in the labels (raster values, or the class field's values)."""

@@ -25,7 +25,7 @@ def test_provider_and_algorithms_registered(provider):
     assert p is not None and p.name() == "SRMF"
     ids = sorted(a.id() for a in p.algorithms())
     assert ids == ["srmf:evaluate", "srmf:findclass", "srmf:findclasshandoff", "srmf:finetune", "srmf:modelinfo",
-                   "srmf:segment"]
+                   "srmf:pretrain", "srmf:segment"]
     seg = registry.algorithmById("srmf:segment")
     names = [d.name() for d in seg.parameterDefinitions()]
     for expected in ("INPUT", "MODEL", "BANDS", "TILE_SIZE", "STRIDE", "BATCH_SIZE", "DEVICE", "GPU_ID", "OUTPUT",

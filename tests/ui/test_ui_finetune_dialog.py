@@ -143,3 +143,18 @@ def test_finetune_dialog_runs_shows_iou_and_segments_with_the_new_model(dialog, 
     added = [l for l in QgsProject.instance().mapLayers().values() if l.source() == str(tmp_path / "atlanta_buildings.tif")]
     assert len(added) == 1
     assert [c.label for c in added[0].renderer().classes()] == ["building", "other"]
+
+
+def test_a_pretrained_encoder_is_accepted_as_the_base_model(dialog, tmp_path):
+    """srmf:pretrain's output (issue 14) in the base-model field: taken, and the dialog says what it is."""
+    from srmf_qgis_testing import ADELAIDE, engine_cli
+
+    model = tmp_path / "encoder.srmf"
+    engine_cli("pretrain", model, "--raster", ADELAIDE, "--method", "simclr", "--iterations", 1, "--batch-size", 2,
+               "--view", 64, "--device", "cpu")
+    dialog.base_model.setFilePath(str(model))
+    QApplication.processEvents()
+    assert dialog.base_model_path() == str(model)
+    assert "pretrained without labels (simclr, 1 steps)" in dialog.last_message
+    assert "its head is untrained" in dialog.last_message
+    assert [e.name for e in dialog.class_table.entries()] == MODEL_CLASSES  # the table is kept for editing
