@@ -186,3 +186,14 @@ eval-coldstart: install
 
 eval-coldstart-quick: install
 	$(PY) -m bench.coldstart --quick --device $(DEVICE) --out-dir bench-output/coldstart-quick
+
+# Self-supervised pretraining, label efficiency (bench/pretrain_eval.py, issue 14): E0 ImageNet, E1 SimCLR, E2
+# GraSS at equal steps on the unlabelled Dubai images, the mechanism check, then few-label fine-tunes (1/5/10 %,
+# frozen and full, 3 draws) scored on the held-out tile 3. About 90 min on a 2-core CPU at these budgets; a rerun
+# continues (pretrain-eval/runs.jsonl); PRETRAIN_ITERATIONS / FT_ITERATIONS / DEVICE override.
+.PHONY: eval-pretrain
+PRETRAIN_ITERATIONS ?= 240
+FT_ITERATIONS ?= 40
+eval-pretrain: install
+	$(PY) -m bench.pretrain_eval --out pretrain-eval --device $(DEVICE) --iterations $(PRETRAIN_ITERATIONS) \
+	  --ft-iterations $(FT_ITERATIONS)

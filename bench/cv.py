@@ -8,7 +8,9 @@ pixels of the training images. The figure of a run is its **last** validation (t
 advance; choosing the best iteration on the held-out tile would flatter it); the curve is kept.
 
 Every run is appended to ``<out>/runs.jsonl`` as soon as it ends (losers included) and a run already
-there is skipped, so the grid can be stopped and continued (``nohup python -m bench.cv ... &``).
+there is skipped, so the grid can be stopped and continued (``nohup python -m bench.cv ... &``); a run
+stopped part-way continues from its last checkpoint (every 50 iterations, ``<out>/<run>.srmf.work/``) —
+its record then says from which iteration (``resumed_at``) and its curve holds the validations after it.
 ``--report`` prints, per recipe, the mean ± sd of the held-out mIoU over folds and seeds, per-class
 means, and the paired difference to the first recipe (same fold and seed) with a 95 % t interval.
 """
@@ -52,27 +54,40 @@ def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, devic
     over = dict(RECIPES[recipe])
     text = over.pop("text_fusion", True)
     config = default_config(iterations=iterations, eval_interval=max(1, iterations // 4),
-                            checkpoint_interval=max(1, iterations // 4), seed=seed, **over)
+                            checkpoint_interval=min(50, iterations), seed=seed, **over)
     arch = {"backbone": "efficientnet_lite0", "text_fusion": text, "encoder_weights": "imagenet",
             "text_encoder": "minilm", "gsd_m": 0.8}
     log = io.StringIO()
     t0 = time.perf_counter()
-    res = _train(train, val, config, arch, out / f"{fold}-{recipe}-s{seed}.srmf", device, Reporter(json_mode=True,
-                                                                                                 stream=log))
+    output = out / f"{fold}-{recipe}-s{seed}.srmf"
+    resumed_at = _checkpoint_iteration(output)
+    res = _train(train, val, config, arch, output, device, Reporter(json_mode=True, stream=log),
+                 resume=resumed_at is not None)
     curve = [json.loads(ln) for ln in log.getvalue().splitlines() if '"type": "metrics"' in ln and '"miou"' in ln]
     last = curve[-1] if curve else {}
     return {"fold": fold, "recipe": recipe, "seed": seed, "iterations": iterations,
             "miou": last.get("miou"), "per_class_iou": last.get("per_class_iou"),
             "curve": [(c.get("iteration"), c.get("miou")) for c in curve], "best_miou": res["metrics"]["miou"],
             "best_iteration": res["best_iteration"], "train_images": len(train), "val_images": len(val),
-            "seconds": round(time.perf_counter() - t0, 1), "config": over}
+            "seconds": round(time.perf_counter() - t0, 1), "config": over, "resumed_at": resumed_at}
 
 
-def _train(train, val, config, arch, output: Path, device: str, rep) -> dict:
+def _checkpoint_iteration(output: Path):
+    """The iteration of the run's last checkpoint (``OUTPUT.work/checkpoint.safetensors``), or None."""
+    ckpt = output.with_name(output.name + ".work") / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "pt") as fh:
+        return int(json.loads(fh.metadata()["srmf-checkpoint"])["state"]["iteration"])
+
+
+def _train(train, val, config, arch, output: Path, device: str, rep, resume: bool = False) -> dict:
     from bench.recipes import train_default
 
     try:
-        return train_default(output, config, device, rep, arch, train=train, val=val)
+        return train_default(output, config, device, rep, arch, train=train, val=val, resume=resume)
     finally:
         output.unlink(missing_ok=True)  # the figures are the product, not 15 MB per run
 

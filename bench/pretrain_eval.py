@@ -1,7 +1,7 @@
 """Label-efficiency evaluation of self-supervised pretraining (issue 14): ``make eval-pretrain``.
 
-``python -m bench.pretrain_eval [--out pretrain-eval] [--iterations 120] [--fractions 0.01,0.05,0.1]
-[--draws 0,1,2] [--modes frozen,full] [--ft-iterations 60] [--val-parts 1,5,9] [--report]``
+``python -m bench.pretrain_eval [--out pretrain-eval] [--iterations 240] [--fractions 0.01,0.05,0.1]
+[--draws 0,1,2] [--modes frozen,full] [--ft-iterations 40] [--val-parts 1,5,9] [--device auto] [--report]``
 
 1. **Pool**: every Dubai image of ``../shared/data`` (all seven tiles, 63 JPEGs, about 91 MP) *without its
    mask*. The pool includes the evaluation tile's pixels, unlabelled: that is the product's use (an analyst
@@ -48,7 +48,7 @@ def _dubai_images():
     return sorted(str(p) for p in dubai_root().glob("tile_*/images/*.jpg"))
 
 
-def pretrain_arms(out: Path, iterations: int, seed: int, rep) -> dict:
+def pretrain_arms(out: Path, iterations: int, seed: int, rep, device: str = "auto") -> dict:
     """The three encoders as model files in ``out`` (E0 written directly; E1, E2 by ``pretrain``)."""
     from core.model.modelfile import save_model
     from core.pretrain.config import PretrainConfig
@@ -65,7 +65,8 @@ def pretrain_arms(out: Path, iterations: int, seed: int, rep) -> dict:
         config = PretrainConfig(method=method, iterations=iterations, warmup_iterations=iterations // 2,
                                 checkpoint_interval=max(1, iterations // 4), seed=seed)
         resume = (out / f"{arm}.srmf.work" / "checkpoint.safetensors").exists()
-        pretrain(paths[arm], rasters=_dubai_images(), config=config, resume=resume, reporter=rep, keep_work_dir=True)
+        pretrain(paths[arm], rasters=_dubai_images(), config=config, resume=resume, reporter=rep, keep_work_dir=True,
+                 device=device)
     return paths
 
 
@@ -188,7 +189,8 @@ def few_label_images(images, fraction: float, draw: int):
     return out, got / total
 
 
-def finetune_run(arm_path: Path, train, val, iterations: int, freeze: bool, seed: int, work: Path) -> dict:
+def finetune_run(arm_path: Path, train, val, iterations: int, freeze: bool, seed: int, work: Path,
+                 device: str = "auto") -> dict:
     import io
 
     from bench.recipes import default_config
@@ -202,13 +204,14 @@ def finetune_run(arm_path: Path, train, val, iterations: int, freeze: bool, seed
     out = work / f"ft-{arm_path.stem}-{seed}.srmf"
     t0 = time.perf_counter()
     res = finetune(out, images=train, classes=classes, base_model=str(arm_path), config=config, val_images=val,
-                   overwrite=True, reporter=Reporter(json_mode=True, stream=io.StringIO()))
+                   overwrite=True, device=device, reporter=Reporter(json_mode=True, stream=io.StringIO()))
     out.unlink(missing_ok=True)
     return {"miou": res["metrics"]["miou"], "per_class_iou": res["metrics"]["per_class_iou"],
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def finetune_grid(out: Path, paths: dict, fractions, draws, modes, iterations: int, val_parts) -> None:
+def finetune_grid(out: Path, paths: dict, fractions, draws, modes, iterations: int, val_parts,
+                  device: str = "auto") -> None:
     from core.finetune.sources import load_dubai
 
     runs = out / "runs.jsonl"
@@ -223,7 +226,7 @@ def finetune_grid(out: Path, paths: dict, fractions, draws, modes, iterations: i
         if key in done:
             continue
         train, share = few_label_images(train_all, f, d)
-        r = finetune_run(paths[arm], train, val, iterations, mode == "frozen", seed, out)
+        r = finetune_run(paths[arm], train, val, iterations, mode == "frozen", seed, out, device)
         row = {"kind": "finetune", "arm": arm, "fraction": f, "draw": d, "mode": mode, "seed": seed,
                "labelled_share": round(share, 4), "iterations": iterations, "val": f"{VAL_TILE} parts {val_parts}", **r}
         with runs.open("a") as fh:
@@ -244,7 +247,7 @@ def _t_interval(d) -> dict:
         return {"mean": float(d.mean()) if len(d) else None, "n": int(len(d))}
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     h = float(stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d)))
-    p = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else None
+    p = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 1e-12 else None
     return {"mean": mean, "sd": sd, "ci95": [mean - h, mean + h], "n": int(len(d)), "p": p}
 
 
@@ -303,13 +306,14 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.pretrain_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="pretrain-eval")
-    p.add_argument("--iterations", type=int, default=120, help="pretraining steps per arm")
+    p.add_argument("--iterations", type=int, default=240, help="pretraining steps per arm")
     p.add_argument("--fractions", default="0.01,0.05,0.1")
     p.add_argument("--draws", default="0,1,2")
     p.add_argument("--modes", default="frozen,full")
-    p.add_argument("--ft-iterations", type=int, default=60)
+    p.add_argument("--ft-iterations", type=int, default=40)
     p.add_argument("--val-parts", default="1,5,9")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     p.add_argument("--report", action="store_true", help="print the tables of the runs so far and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -319,7 +323,7 @@ def main(argv=None) -> int:
         return 0
     rep = Reporter(json_mode=False)
     t0 = time.perf_counter()
-    paths = pretrain_arms(out, args.iterations, args.seed, rep)
+    paths = pretrain_arms(out, args.iterations, args.seed, rep, args.device)
     runs = out / "runs.jsonl"
     if not any(r["kind"] == "pretrain" for r in _rows(runs)):
         from core.model.modelfile import read_header
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
         with runs.open("a") as fh:
             fh.write(json.dumps({"kind": "mechanism", **mechanism_check(out)}) + "\n")
     finetune_grid(out, paths, [float(x) for x in args.fractions.split(",")], [int(x) for x in args.draws.split(",")],
-                  args.modes.split(","), args.ft_iterations, [int(x) for x in args.val_parts.split(",")])
+                  args.modes.split(","), args.ft_iterations, [int(x) for x in args.val_parts.split(",")], args.device)
     print(report(out))
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0

@@ -43,9 +43,11 @@ def _dubai(tiles, exclude_bad=True):
     return load_dubai(tiles, exclude_bad=exclude_bad)
 
 
-def train_default(output: Path, config, device: str = "auto", reporter=None, arch=None, train=None, val=None) -> dict:
+def train_default(output: Path, config, device: str = "auto", reporter=None, arch=None, train=None, val=None,
+                  resume: bool = False) -> dict:
     """Train the embedded default model (EfficientNet-Lite0 ImageNet + MiniLM text bank) on Dubai: on
-    :data:`TRAIN_TILES`, validated on :data:`VAL_TILE`, unless ``train`` / ``val`` images are given."""
+    :data:`TRAIN_TILES`, validated on :data:`VAL_TILE`, unless ``train`` / ``val`` images are given;
+    ``resume`` continues a killed run from ``OUTPUT.work/``."""
     from core.classtable import dubai_class_table
     from core.finetune.job import finetune
     from core.model.modelfile import DEFAULT_INPUT
@@ -65,7 +67,7 @@ def train_default(output: Path, config, device: str = "auto", reporter=None, arc
                     "text_encoder": "minilm", "gsd_m": DUBAI_GSD_M}
     base = _BaseStub({"input": DEFAULT_INPUT, "classes": classes})
     return finetune(output, images=train, classes=classes, base_model=base, config=config, device=device,
-                    val_images=val, overwrite=True, reporter=rep, architecture=arch,
+                    val_images=val, overwrite=True, reporter=rep, architecture=arch, resume=resume,
                     data_description=[f"Dubai aerial (Humans in the Loop / MBRSC, CC0): {described}"])
 
 
