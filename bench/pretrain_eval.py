@@ -70,8 +70,10 @@ def pretrain_arms(out: Path, iterations: int, seed: int, rep, device: str = "aut
     return paths
 
 
-def mechanism_check(out: Path, n_windows: int = 48, seed: int = 7) -> dict:
-    """GS crops against random crops of the same size (purity), and pair overlap, on labelled windows."""
+def mechanism_check(out: Path, n_windows: int = 48, seed: int = 7, sign: str = "loss") -> dict:
+    """GS crops against random crops of the same size (purity), and pair overlap, on labelled windows; the
+    maps of dL/dF (``sign="loss"``, the reference's) or of -dL/dF (``"negative"``). The same windows for both
+    signs (same seed)."""
     import torch
 
     from core.checkpoint import load_checkpoint
@@ -106,7 +108,7 @@ def mechanism_check(out: Path, n_windows: int = 48, seed: int = 7) -> dict:
         w, lb = wins[start:start + 16], labs[start:start + 16]
         v1, v2 = simclr_views(w, view, mean, std), simclr_views(w, view, mean, std)
         b1, b2, c1, c2, _ = gradient_guided_boxes(net["encoder"], net["projector"], v1.images, v2.images,
-                                                  lambda a, b: nt_xent(a, b, 0.5), 0.5, "loss", view)
+                                                  lambda a, b: nt_xent(a, b, 0.5), 0.5, sign, view)
         for i in range(len(w)):
             pair = []
             for v, boxes in ((v1, b1), (v2, b2)):
@@ -121,8 +123,9 @@ def mechanism_check(out: Path, n_windows: int = 48, seed: int = 7) -> dict:
             rows[-1]["gs_pair_iou"] = box_iou(pair[0][0], pair[1][0])
             rows[-1]["view_pair_iou"] = box_iou(pair[0][2], pair[1][2])
         if start == 0:
-            contact_sheet(out / "contact_sheet.png", v1, c1, b1, mean, std, view)
-    return summarise_mechanism(rows)
+            contact_sheet(out / ("contact_sheet.png" if sign == "loss" else f"contact_sheet_{sign}.png"), v1, c1, b1,
+                          mean, std, view)
+    return {"cam_sign": sign, **summarise_mechanism(rows)}
 
 
 def summarise_mechanism(rows) -> dict:
@@ -284,6 +287,7 @@ def report(out: Path) -> str:
             lines.append(f"- {name} over all cells: mean {t['mean']:+.4f} mIoU"
                          + (f", 95 % CI [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], p {t['p']:.3g}" if t.get("p") else "")
                          + f" (n={t['n']}); ahead in {sum(x > 0 for x in d)} of {len(d)}")
+    floor = None
     if noise:
         diffs = []
         for r in noise:
@@ -291,14 +295,45 @@ def report(out: Path) -> str:
             if twin:
                 diffs.append(abs(r["miou"] - twin[0]["miou"]))
         if diffs:
-            lines.append(f"- noise floor (E0, same labels, another training seed): mean |ΔmIoU| {np.mean(diffs):.4f} "
+            floor = float(np.mean(diffs))
+            lines.append(f"- noise floor (E0, same labels, another training seed): mean |ΔmIoU| {floor:.4f} "
                          f"over {len(diffs)} pairs (max {max(diffs):.4f})")
+    lines += _verdict(ft, cells, all_d, floor)
     lines.append("")
     lines.append("Every run: " + ", ".join(f"{r['arm']}/{r['fraction']:.0%}/{r['mode']}/d{r['draw']}/s{r['seed']} "
                                             f"{r['miou']:.4f}" for r in rows if r["kind"] == "finetune"))
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n")
     return text
+
+
+def _verdict(ft, cells, all_d, floor) -> list:
+    """The issue's success rule, checked on the runs: E2 - E1 >= +1 mIoU point on average, ahead in most cells and
+    above twice the noise floor; pretraining (E1 or E2) ahead of E0 at 1 % and 5 %."""
+    d = all_d["E2-E1"]
+    if not d:
+        return []
+    ahead = 0
+    for f, mode in cells:
+        e2 = {r["draw"]: r["miou"] for r in ft if (r["fraction"], r["mode"], r["arm"]) == (f, mode, "E2")}
+        e1 = {r["draw"]: r["miou"] for r in ft if (r["fraction"], r["mode"], r["arm"]) == (f, mode, "E1")}
+        pairs = [e2[k] - e1[k] for k in e2 if k in e1]
+        ahead += bool(pairs) and float(np.mean(pairs)) > 0
+    mean = float(np.mean(d))
+    gs_ok = mean >= 0.01 and ahead > len(cells) / 2 and (floor is None or mean > 2 * floor)
+    out = [f"- verdict, GraSS over SimCLR (E2 - E1 >= +0.01 on average, ahead in most cells, above twice the noise "
+           f"floor): {'met' if gs_ok else 'NOT met'} (mean {mean:+.4f}, ahead in {ahead} of {len(cells)} cells"
+           + (f", twice the noise floor {2 * floor:.4f}" if floor is not None else "") + ")"]
+    for f in (0.01, 0.05):
+        best = []
+        for arm in ("E1", "E2"):
+            x = [r2["miou"] - r0["miou"] for r2 in ft for r0 in ft if r2["arm"] == arm and r0["arm"] == "E0"
+                 and (r2["fraction"], r2["mode"], r2["draw"]) == (r0["fraction"], r0["mode"], r0["draw"]) and r2["fraction"] == f]
+            if x:
+                best.append(f"{arm} - E0 {np.mean(x):+.4f} (n={len(x)})")
+        if best:
+            out.append(f"- at {f:.0%} of the labels: " + ", ".join(best))
+    return out
 
 
 def main(argv=None) -> int:
@@ -333,9 +368,10 @@ def main(argv=None) -> int:
                 pre = read_header(paths[a]).get("pretraining", {})
                 fh.write(json.dumps({"kind": "pretrain", "arm": a, **{k: pre.get(k) for k in (
                     "method", "iterations", "gs_iterations", "seconds", "first_loss", "last_loss")}}) + "\n")
-    if not any(r["kind"] == "mechanism" for r in _rows(runs)):
-        with runs.open("a") as fh:
-            fh.write(json.dumps({"kind": "mechanism", **mechanism_check(out)}) + "\n")
+    for sign in ("loss", "negative"):
+        if not any(r["kind"] == "mechanism" and r.get("cam_sign", "loss") == sign for r in _rows(runs)):
+            with runs.open("a") as fh:
+                fh.write(json.dumps({"kind": "mechanism", **mechanism_check(out, sign=sign)}) + "\n")
     finetune_grid(out, paths, [float(x) for x in args.fractions.split(",")], [int(x) for x in args.draws.split(",")],
                   args.modes.split(","), args.ft_iterations, [int(x) for x in args.val_parts.split(",")], args.device)
     print(report(out))

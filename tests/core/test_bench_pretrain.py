@@ -46,3 +46,15 @@ def test_report_pairs_arms_by_draw_and_measures_the_noise_floor(tmp_path):
     assert "E2-E1 over all cells: mean +0.0100 mIoU" in text and "ahead in 3 of 3" in text
     assert "noise floor (E0, same labels, another training seed): mean |ΔmIoU| 0.0050 over 1 pairs" in text
     assert (tmp_path / "report.md").read_text().startswith("# Pretraining evaluation")
+
+
+@pytest.mark.parametrize("e2_gain, met", [(0.05, "met"), (-0.01, "NOT met")])
+def test_report_verdict_follows_the_rule(tmp_path, e2_gain, met):
+    rows = [{"kind": "finetune", "arm": arm, "fraction": f, "draw": d, "mode": "full", "seed": d,
+             "miou": 0.3 + 0.05 * d + gain}
+            for f in (0.01, 0.05) for d in range(3) for arm, gain in (("E0", 0.0), ("E1", 0.01), ("E2", 0.01 + e2_gain))]
+    rows.append({"kind": "finetune", "arm": "E0", "fraction": 0.01, "draw": 0, "mode": "full", "seed": 100, "miou": 0.31})
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = report(tmp_path)
+    assert f"floor): {met} (mean {e2_gain:+.4f}, ahead in {2 if e2_gain > 0 else 0} of 2 cells, twice the noise floor 0.0200)" in text
+    assert f"at 1% of the labels: E1 - E0 +0.0100 (n=3), E2 - E0 {0.01 + e2_gain:+.4f} (n=3)" in text
