@@ -51,7 +51,7 @@ COMMANDS = {
     "findclass": ("core.findclass.command", "add_findclass_arguments", "run_findclass_command",
                   "find where a new class occurs from a few example polygons (relevance raster, ranked candidates)"),
     "pretrain": ("core.pretrain.command", "add_pretrain_arguments", "run_pretrain_command",
-                 "self-supervised pretraining of a model's encoder on unlabelled rasters (SimCLR, GraSS)"),
+                 "self-supervised pretraining of a model's encoder on unlabelled rasters (SimCLR, GraSS; experimental)"),
     "findclass-handoff": ("core.findclass.command", "add_handoff_arguments", "run_handoff_command",
                           "turn a reviewed candidates.gpkg into labels and a base model with the new class"),
 }

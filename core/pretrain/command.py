@@ -12,7 +12,8 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--raster", action="append", default=[], help="unlabelled raster (repeat for several)")
     p.add_argument("--bands", default=None, help="the rasters' bands in the model's band order, e.g. 3,2,1")
     p.add_argument("--method", default=D.method, choices=METHODS,
-                   help="grass (SimCLR warm-up, then gradient-guided sampling) or simclr (instance discrimination only)")
+                   help="simclr (instance discrimination; the default: GraSS did not beat it in make eval-pretrain) or "
+                        "grass (a SimCLR warm-up, then gradient-guided sampling)")
     p.add_argument("--iterations", type=int, default=None, help="optimiser steps")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (with or instead of --iterations)")
     p.add_argument("--warmup-iterations", type=int, default=None,

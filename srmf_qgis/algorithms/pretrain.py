@@ -13,9 +13,10 @@ from .base import SRMFAlgorithm, absolute, advanced
 HELP = """<p><b>Experimental.</b> Pretrains the encoder (backbone) of an SRMF model on your own
 <b>unlabelled</b> rasters, so that a later fine-tune with few labels starts from features of your imagery
 rather than ImageNet's. No labels are needed: the model learns to recognise two randomly cropped,
-recoloured views of the same window among the other windows of a batch (SimCLR). <b>GraSS</b> (the
-default) runs that for half the budget, then trains on the part of each view that the loss's gradient
-points to — usually a single ground object (Zhang et al., TGRS 2023).</p>
+recoloured views of the same window among the other windows of a batch (<b>SimCLR</b>, the default).
+<b>GraSS</b> runs that for half the budget, then trains on the part of each view that the loss's gradient
+points to, meant to hold a single ground object (Zhang et al., TGRS 2023); in our measurement it did not
+beat SimCLR.</p>
 <p>The output model has <b>no trained classes</b>: its decode head is untrained, and Segment refuses it.
 Use it as the <b>base model</b> of <i>Fine-tune model</i> (or the fine-tune dialog), which trains a new head
 for your classes on it; <i>Freeze the encoder</i> there trains the head only.</p>
@@ -27,8 +28,8 @@ at such budgets it did not beat ImageNet initialisation reliably.</p>
 are scaled as for segmentation. Cancel stops at once and keeps the last checkpoint (continue with the
 engine's <i>--resume</i>).</p>"""
 
-METHODS = ["GraSS (SimCLR warm-up, then gradient-guided sampling)", "SimCLR (instance discrimination only)"]
-METHOD_ARGS = ["grass", "simclr"]
+METHODS = ["SimCLR (instance discrimination)", "GraSS (SimCLR warm-up, then gradient-guided sampling)"]
+METHOD_ARGS = ["simclr", "grass"]
 
 
 class PretrainAlgorithm(SRMFAlgorithm):

@@ -165,14 +165,15 @@ def test_pool_reads_real_rasters_nodata_aware_and_1_band_replicated():
 def test_config_checks_name_the_parameter():
     for kwargs, name in [(dict(batch_size=1), "--batch-size"), (dict(view=100), "--view"),
                          (dict(iterations=None), "budget"), (dict(method="byol"), "--method"),
-                         (dict(warmup_iterations=10), "--warmup-iterations"), (dict(cam_threshold=1.0), "--cam-threshold"),
+                         (dict(method="grass", warmup_iterations=10), "--warmup-iterations"), (dict(cam_threshold=1.0), "--cam-threshold"),
                          (dict(temperature=0), "--temperature"), (dict(patch=32), "--patch")]:
         with pytest.raises(InputError, match=name):
             PretrainConfig(**{"iterations": 10, **kwargs}).validate()
-    c = PretrainConfig(iterations=10)
+    c = PretrainConfig(method="grass", iterations=10)
     assert c.in_warmup(4, 0) and not c.in_warmup(5, 0)      # half the budget by default
-    assert PretrainConfig(method="simclr", iterations=10).in_warmup(9, 0)
-    assert PretrainConfig(minutes=2).in_warmup(3, 59) and not PretrainConfig(minutes=2).in_warmup(3, 61)
+    assert PretrainConfig(iterations=10).method == "simclr" and PretrainConfig(iterations=10).in_warmup(9, 0)
+    g = PretrainConfig(method="grass", minutes=2)
+    assert g.in_warmup(3, 59) and not g.in_warmup(3, 61)
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -195,7 +196,8 @@ def test_cli_pretrain_resume_continues_exactly_and_the_model_is_usable(tmp_path)
     from core.pretrain.job import pretrain
 
     args = dict(rasters=[str(ADELAIDE)], device="cpu")
-    cfg = dict(iterations=4, warmup_iterations=2, batch_size=3, view=64, patch=128, checkpoint_interval=2, seed=3)
+    cfg = dict(method="grass", iterations=4, warmup_iterations=2, batch_size=3, view=64, patch=128, checkpoint_interval=2,
+               seed=3)
     straight = pretrain(tmp_path / "straight.srmf", config=PretrainConfig(**cfg), **args)
     assert straight["gs_iterations"] == 2 and straight["iterations"] == 4
     with pytest.raises(Exception, match="stop_after"):
@@ -203,7 +205,7 @@ def test_cli_pretrain_resume_continues_exactly_and_the_model_is_usable(tmp_path)
     assert not (tmp_path / "resumed.srmf").exists()
     assert (tmp_path / "resumed.srmf.work" / "checkpoint.safetensors").exists()
     # the CLI continues it: same recipe, --resume
-    run = run_core("pretrain", tmp_path / "resumed.srmf", "--raster", ADELAIDE, "--iterations", 4,
+    run = run_core("pretrain", tmp_path / "resumed.srmf", "--raster", ADELAIDE, "--method", "grass", "--iterations", 4,
                    "--warmup-iterations", 2, "--batch-size", 3, "--view", 64, "--patch", 128,
                    "--checkpoint-interval", 2, "--seed", 3, "--device", "cpu", "--resume", "--json")
     assert run.returncode == 0, run.stdout + run.stderr

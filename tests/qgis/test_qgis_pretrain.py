@@ -15,7 +15,7 @@ SMALL = {"BATCH_SIZE": 2, "VIEW": 64, "DEVICE": 1, "MINUTES": 5.0}
 def pretrained(provider, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "encoder.srmf"
     fb = make_feedback()
-    res = run_alg("srmf:pretrain", {"INPUT_RASTERS": [str(ADELAIDE), str(ATLANTA)], "ITERATIONS": 2, **SMALL,
+    res = run_alg("srmf:pretrain", {"INPUT_RASTERS": [str(ADELAIDE), str(ATLANTA)], "METHOD": 1, "ITERATIONS": 2, **SMALL,
                                     "OUTPUT_MODEL": str(out)}, fb)
     return {"results": res, "feedback": fb, "path": out}
 
@@ -27,7 +27,7 @@ def test_pretrain_writes_an_encoder_model(pretrained):
     assert any("loss" in m for m in fb.metrics)  # the loss relayed as it comes
     assert fb.progress and max(fb.progress) >= 99
     # the command line is logged (the same job can run headless); Atlanta's single band is replicated
-    assert any("pretrain" in c and "--minutes" in c for c in fb.commands)
+    assert any("pretrain" in c and "--minutes" in c and "--method grass" in c for c in fb.commands)
     assert any("sample_geotiff.tif" in i and "bands 1,1,1" in i for i in fb.infos)
     info = run_alg("srmf:modelinfo", {"MODEL": str(path), "OUTPUT_CLASSES": None, "OUTPUT_HTML": None})
     assert info["HEADER"]["provenance"]["untrained_head"] is True
