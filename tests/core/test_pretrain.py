@@ -308,3 +308,14 @@ def test_bad_input_is_refused_clearly_with_nothing_left(tmp_path):
     (tmp_path / "out.srmf").write_bytes(b"earlier")
     run = run_core("pretrain", tmp_path / "out.srmf", "--raster", ADELAIDE, "--iterations", 2, *SMALL)
     assert run.returncode == 2 and (tmp_path / "out.srmf").read_bytes() == b"earlier"
+
+
+def test_a_minutes_budget_stops_on_the_clock(tmp_path):
+    from core.pretrain.job import pretrain
+
+    res = pretrain(tmp_path / "timed.srmf", rasters=[str(ADELAIDE)], device="cpu",
+                   config=PretrainConfig(method="grass", minutes=0.02, batch_size=2, view=64, patch=128))
+    # no step budget: it ran until 1.2 s of training were spent, then wrote the model; GraSS's sampling took
+    # the second half of the clock
+    assert res["iterations"] >= 1 and res["seconds"] >= 1.2
+    assert res["gs_iterations"] <= res["iterations"] and (tmp_path / "timed.srmf").exists()
