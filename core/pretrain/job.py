@@ -169,7 +169,7 @@ class _Run:
 
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        while not self.done():
+        while self.step == 0 or not self.done():  # at least one step, however small the clock budget
             gs = not self.config.in_warmup(self.step, self.seconds())
             loss = self.one_step(gs)
             self.record(loss, gs)

@@ -319,3 +319,7 @@ def test_a_minutes_budget_stops_on_the_clock(tmp_path):
     # the second half of the clock
     assert res["iterations"] >= 1 and res["seconds"] >= 1.2
     assert res["gs_iterations"] <= res["iterations"] and (tmp_path / "timed.srmf").exists()
+    # a budget spent before the first step still trains one (a model is never written untrained)
+    tiny = pretrain(tmp_path / "tiny.srmf", rasters=[str(ADELAIDE)], device="cpu",
+                    config=PretrainConfig(minutes=1e-5, batch_size=2, view=64, patch=128))
+    assert tiny["iterations"] == 1 and tiny["first_loss"] is not None
