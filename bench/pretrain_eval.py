@@ -224,11 +224,14 @@ def finetune_grid(out: Path, paths: dict, fractions, draws, modes, iterations: i
     val = load_dubai([VAL_TILE], parts=val_parts)
     plan = [(f, d, mode, arm, d) for f in fractions for d in draws for mode in modes for arm in ARMS]
     plan += [(f, d, "full", "E0", d + 100) for f in fractions for d in draws[:1]]  # the noise floor
+    draws_cache = {}  # (fraction, draw) -> the few-label images every arm and mode of that cell trains on
     for f, d, mode, arm, seed in plan:
         key = ("finetune", arm, f, d, mode, seed)
         if key in done:
             continue
-        train, share = few_label_images(train_all, f, d)
+        if (f, d) not in draws_cache:
+            draws_cache = {(f, d): few_label_images(train_all, f, d)}  # the plan visits a cell's runs together
+        train, share = draws_cache[(f, d)]
         r = finetune_run(paths[arm], train, val, iterations, mode == "frozen", seed, out, device)
         row = {"kind": "finetune", "arm": arm, "fraction": f, "draw": d, "mode": mode, "seed": seed,
                "labelled_share": round(share, 4), "iterations": iterations, "val": f"{VAL_TILE} parts {val_parts}", **r}

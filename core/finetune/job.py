@@ -294,7 +294,7 @@ def _initial_model(lm, classes: Sequence[dict], train_imgs: Sequence, config, ar
 
         torch.manual_seed(config.seed)  # the fresh head's initialisation is part of the recipe
         model, new_header = _fresh_model(architecture, classes, header, text_encoder)
-        report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
+        report = _all_added(classes)
         return model, new_header, report
     if (header.get("provenance") or {}).get("untrained_head"):
         return _pretrained_start(lm, classes, config, text_encoder)
@@ -325,8 +325,13 @@ def _pretrained_start(lm, classes: Sequence[dict], config, text_encoder):
         widen_first_conv(model, len(header["input"]["bands"]))
     model.encoder.load_state_dict(lm.model.encoder.state_dict())
     new_header["encoder_pretraining"] = {k: v for k, v in (header.get("pretraining") or {}).items() if k != "loss_curve"}
-    report = {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
+    report = _all_added(classes)
     return model, new_header, report
+
+
+def _all_added(classes: Sequence[dict]) -> dict:
+    """The class-change report of a fresh head: every class added, none kept from a base head."""
+    return {"kept": [], "renamed": [], "dropped": [], "added": [c["name"] for c in classes], "appended_prompts": []}
 
 
 def _log_class_changes(report: dict, rep) -> None:

@@ -23,14 +23,14 @@ from core.errors import InputError
 
 @dataclass
 class PoolRaster:
-    """One raster of the pool: its reader, its valid positions (decimated) and their count."""
+    """One raster of the pool: its reader (which keeps the GDAL dataset referenced), its valid positions
+    (decimated) and their count."""
 
     path: str
     reader: object  # core.geo.raster.StripReader
     positions: np.ndarray  # int64 (M, 2): decimated (row, col) of valid window origins
     factor: float  # raster pixels per decimated pixel
     patch: int  # window side in pixels (the pool's, or the raster's smaller side)
-    dataset: object = None  # the GDAL dataset (kept referenced: GDAL 3.6 crashes on a freed parent)
 
 
 class RasterPool:
@@ -80,7 +80,7 @@ class RasterPool:
         if log:
             log(f"{path}: {w} x {h} px, bands {','.join(map(str, sel))}, windows of {p} px over "
                 f"{float(valid.mean()):.0%} valid data" + ("; " + "; ".join(scaling.notes) if scaling.notes else ""))
-        return PoolRaster(path, StripReader(ds, sel, scaling, name=path), positions, f, p, ds)
+        return PoolRaster(path, StripReader(ds, sel, scaling, name=path), positions, f, p)
 
     def sample(self, rng: np.random.Generator) -> Tuple[np.ndarray, int, Tuple[int, int]]:
         """One window: ``(float32 (bands, p, p) in the value range with nodata at the model mean, raster

@@ -153,7 +153,7 @@ def test_pool_reads_real_rasters_nodata_aware_and_1_band_replicated():
         r = pool.rasters[i]
         assert 0 <= x0 <= r.reader.width - 256 and 0 <= y0 <= r.reader.height - 256
         if i == 1:  # Atlanta's nodata (0) pixels take the model's mean; valid pixels are at least half
-            raw = r.dataset.GetRasterBand(1).ReadAsArray(x0, y0, 256, 256)
+            raw = r.reader.ds.GetRasterBand(1).ReadAsArray(x0, y0, 256, 256)
             assert (raw != 0).mean() >= 0.5 - 0.1
             assert np.allclose(data[:, raw == 0], mean[:, None])
     assert seen == {0, 1}
