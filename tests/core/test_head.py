@@ -76,7 +76,7 @@ def _features_mit():
     return [torch.randn(1, c, 16 // s, 16 // s) for c, s in zip([32, 64, 160, 256], [1, 2, 4, 8])]
 
 
-@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mit_b0"])
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite2", "mit_b0"])
 def test_network_outputs_stride_4_logits(backbone):
     torch.manual_seed(0)
     net = SRMFNet(backbone, 5, text_bank=torch.randn(10, 32)).eval()

@@ -44,6 +44,21 @@ def test_plain_segformer_variant_round_trips(tmp_path):
     assert lm.header["architecture"]["name"] == "segformer" and lm.model.head.text_bank is None
 
 
+def test_lite2_model_round_trips_and_lite0_weights_do_not_pass_for_it(tmp_path):
+    path = make_random_model(tmp_path / "lite2.srmf", backbone="efficientnet_lite2")
+    lm = load_model(path)
+    assert lm.header["architecture"]["backbone"] == "efficientnet_lite2"
+    assert list(lm.model.encoder.out_channels[-4:]) == [24, 48, 120, 352]
+    lite0 = make_random_model(tmp_path / "lite0.srmf")
+    header = read_header(lite0)
+    forged = tmp_path / "forged.srmf"  # Lite0 weights under a header that says Lite2
+    save_model(forged, load_model(lite0).model, {**{k: v for k, v in header.items()
+                                                     if k not in ("format", "format_version")},
+                                                  "architecture": {**header["architecture"],
+                                                                   "backbone": "efficientnet_lite2"}})
+    _expect_error(forged, "efficientnet_lite2")
+
+
 def _expect_error(path, *words):
     with pytest.raises(ModelFileError) as info:
         load_model(path)

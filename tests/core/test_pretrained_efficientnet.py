@@ -15,9 +15,10 @@ import torch
 smp = pytest.importorskip("segmentation_models_pytorch")
 timm = pytest.importorskip("timm")
 
-from core.model.pretrained import (EFFICIENTNET_LITE0_ENCODER, LITE0_STAGE_REPEATS,
-                                   efficientnet_lite0_weights_path, load_efficientnet_lite0_imagenet,
-                                   map_efficientnet_lite0_state_dict)
+from core.model.pretrained import (EFFICIENTNET_LITE, EFFICIENTNET_LITE0_ENCODER, LITE0_STAGE_REPEATS,
+                                   efficientnet_lite0_weights_path, efficientnet_lite_weights_path,
+                                   load_efficientnet_lite0_imagenet, load_efficientnet_lite_imagenet,
+                                   map_efficientnet_lite0_state_dict, map_efficientnet_lite_state_dict)
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IMAGE = DATA / "dubai_hitl_aerial" / "tile_1" / "images" / "image_part_001.jpg"
@@ -87,9 +88,9 @@ def encoder():
     return enc.eval()
 
 
-def _reference_stage_outputs(reference, x: torch.Tensor) -> dict:
+def _reference_stage_outputs(reference, x: torch.Tensor, repeats=LITE0_STAGE_REPEATS) -> dict:
     """Output of the last block of every stage of the reference (hooks on its flat ``_blocks``)."""
-    stage_ends = [n - 1 for n in itertools.accumulate(LITE0_STAGE_REPEATS)]  # 0, 2, 4, 7, 10, 14, 15
+    stage_ends = [n - 1 for n in itertools.accumulate(repeats)]  # Lite0: 0, 2, 4, 7, 10, 14, 15
     outputs, handles = {}, []
     for stage, block in enumerate(stage_ends):
         handles.append(reference._blocks[block].register_forward_hook(
@@ -202,3 +203,65 @@ def test_missing_weights_file_raises_file_not_found(tmp_path):
     assert efficientnet_lite0_weights_path().is_file()
     with pytest.raises(FileNotFoundError):
         load_efficientnet_lite0_imagenet(_new_encoder(), tmp_path / "absent.pth")
+
+
+# --- EfficientNet-Lite2: the same mapping, another layout (21 blocks, 1-3-3-4-4-5-1), the same bar. ---
+
+LITE2 = "efficientnet_lite2"
+
+
+@pytest.fixture(scope="module")
+def lite2_reference_sd():
+    return torch.load(efficientnet_lite_weights_path(LITE2), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lite2_reference(lite2_reference_sd):
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    model = ref_pkg.EfficientNet.from_name("efficientnet-lite2", image_size=None)
+    model.load_state_dict(lite2_reference_sd, strict=True)
+    return model.eval()
+
+
+def test_lite2_layout_is_the_tf_builders():
+    """Depth 1.2, the first and last stage kept (Lite's fix_head_stem): ceil(1.2 × r) for the others."""
+    assert EFFICIENTNET_LITE[LITE2].repeats == (1,) + tuple(-(-r * 12 // 10) for r in (2, 2, 3, 3, 4)) + (1,)
+    enc = _new_encoder(EFFICIENTNET_LITE[LITE2].encoder)
+    assert enc.out_channels == [3, 16, 24, 48, 120, 352]
+
+
+@pytest.mark.parametrize("size", ["imagenet224", (201, 263)], ids=str)
+def test_lite2_features_match_reference(image, lite2_reference, size):
+    from core.model.backbones import build_encoder
+
+    encoder, channels = build_encoder(LITE2, "imagenet")  # the engine's own path to the weights
+    encoder.eval()
+    assert channels == (24, 48, 120, 352)
+    x = _imagenet_224(image) if size == "imagenet224" else _native_crop(image, *size)
+    with torch.no_grad():
+        feats = encoder(x)
+    ref = _reference_stage_outputs(lite2_reference, x, EFFICIENTNET_LITE[LITE2].repeats)
+    info = encoder.model.feature_info
+    for feat, module, stride in zip(feats[1:], info.module_name(), info.reduction()):
+        _assert_close(feat, ref[int(module.split(".")[1])], f"Lite2 stride {stride} ({module})")
+
+
+def test_lite2_logits_match_reference(image, lite2_reference):
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    load_efficientnet_lite_imagenet(model, LITE2)
+    model.eval()
+    x = _imagenet_224(image)
+    with torch.no_grad():
+        ours, ref = model(x), lite2_reference(x)
+    _assert_close(ours, ref, "Lite2 logits")
+    assert ours.argmax().item() == ref.argmax().item()
+
+
+def test_weights_of_the_other_variant_are_refused(reference_sd, lite2_reference_sd):
+    lite2 = _new_encoder(EFFICIENTNET_LITE[LITE2].encoder)
+    with pytest.raises(ValueError, match="efficientnet_lite0 has"):
+        map_efficientnet_lite_state_dict(reference_sd, lite2, "efficientnet_lite0")  # Lite2 encoder, Lite0 table
+    with pytest.raises(ValueError, match="Shape mismatch"):  # Lite0 weights into Lite2's table: channels differ
+        map_efficientnet_lite_state_dict(reference_sd, lite2, LITE2)
+    with pytest.raises(ValueError, match="efficientnet_lite2 has"):
+        map_efficientnet_lite_state_dict(lite2_reference_sd, _new_encoder(), LITE2)
