@@ -1,18 +1,20 @@
 """Leave-one-tile-out cross-validation of training recipes on the shared Dubai tiles (issue 12, part 2).
 
 ``python -m bench.cv [--folds tile_1,tile_2,tile_3] [--recipes flip,d4,photometric] [--seeds 0,1,2]
-[--iterations 800] [--out cv-output]``: for every (seed, fold, recipe), trains the default model's
-architecture (EfficientNet-Lite0 ImageNet + MiniLM text bank, SRMF: MARS + SRR-TA) from ImageNet on all
+[--iterations 800] [--eval-interval N] [--out cv-output] [--record bench/results/cv_runs.jsonl]``: for
+every (seed, fold, recipe), trains the default model's architecture (EfficientNet-Lite0 ImageNet + MiniLM text bank, SRMF: MARS + SRR-TA) from ImageNet on all
 Dubai tiles but the fold's, at the same budget, and validates on the whole held-out tile — never random
 pixels of the training images. The figure of a run is its **last** validation (the budget is fixed in
 advance; choosing the best iteration on the held-out tile would flatter it); the curve is kept.
 
-Every run is appended to ``<out>/runs.jsonl`` as soon as it ends (losers included) and a run already
-there is skipped, so the grid can be stopped and continued (``nohup python -m bench.cv ... &``); a run
+Every run is appended to the record (``--record``, default ``bench/results/cv_runs.jsonl``, kept in git so
+that a study spread over several sessions keeps its runs) as soon as it ends (losers included) and a run
+already there is skipped, so the grid can be stopped and continued (``nohup python -m bench.cv ... &``); a run
 stopped part-way continues from its last checkpoint (every 50 iterations, ``<out>/<run>.srmf.work/``) —
 its record then says from which iteration (``resumed_at``) and its curve holds the validations after it.
-``--report`` prints, per recipe, the mean ± sd of the held-out mIoU over folds and seeds, per-class
-means, and the paired difference to the first recipe (same fold and seed) with a 95 % t interval.
+``--report`` prints, per recipe and budget, the mean ± sd of the held-out mIoU over folds and seeds,
+per-class means, and the paired difference to ``flip`` (the default recipe; same fold, seed and budget)
+with a 95 % t interval and the paired t-test's p.
 """
 from __future__ import annotations
 
@@ -29,12 +31,16 @@ RECIPES = {
     "flip": dict(augment="flip"),
     "d4": dict(augment="d4"),
     "photometric": dict(augment="photometric"),
-    "plain-head": dict(augment="flip", mars=False, srr=False),
+    # A larger ImageNet backbone (about twice Lite0's compute per pixel), SRMF recipe otherwise.
+    "lite2": dict(augment="flip", backbone="efficientnet_lite2"),
+    # The plain SegFormer head: random crops, no MARS, no SRR-TA, no text bank (SRMF's three parts off).
+    "plain-head": dict(augment="flip", mars=False, srr=False, text_fusion=False),
 }
+RECORD = Path(__file__).resolve().parent / "results" / "cv_runs.jsonl"
 
 
 def _key(r) -> tuple:
-    return r["fold"], r["recipe"], r["seed"], r["iterations"]
+    return r["fold"], r["recipe"], r["seed"], r["iterations"], r.get("eval_interval")
 
 
 def _done(path: Path) -> dict:
@@ -44,8 +50,12 @@ def _done(path: Path) -> dict:
     return {_key(r): r for r in rows}
 
 
-def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, device: str) -> dict:
-    """Train one recipe with ``fold`` held out; returns the run's record (the last validation's figures)."""
+def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, device: str,
+            eval_interval: int = 0) -> dict:
+    """Train one recipe with ``fold`` held out; returns the run's record (the last validation's figures).
+
+    ``eval_interval`` 0 validates every quarter of the budget (a curve); ``N`` every N iterations (the
+    budget itself: one validation, at the end, which is the figure anyway)."""
     from bench.recipes import _dubai, default_config
     from core.protocol import Reporter
 
@@ -53,23 +63,32 @@ def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, devic
     val = _dubai([fold], exclude_bad=False)
     over = dict(RECIPES[recipe])
     text = over.pop("text_fusion", True)
-    config = default_config(iterations=iterations, eval_interval=max(1, iterations // 4),
+    backbone = over.pop("backbone", "efficientnet_lite0")
+    config = default_config(iterations=iterations, eval_interval=eval_interval or max(1, iterations // 4),
                             checkpoint_interval=min(50, iterations), seed=seed, **over)
-    arch = {"backbone": "efficientnet_lite0", "text_fusion": text, "encoder_weights": "imagenet",
+    arch = {"backbone": backbone, "text_fusion": text, "encoder_weights": "imagenet",
             "text_encoder": "minilm", "gsd_m": 0.8}
     log = io.StringIO()
     t0 = time.perf_counter()
-    output = out / f"{fold}-{recipe}-s{seed}.srmf"
+    output = out / f"{fold}-{recipe}-s{seed}-i{iterations}.srmf"
     resumed_at = _checkpoint_iteration(output)
     res = _train(train, val, config, arch, output, device, Reporter(json_mode=True, stream=log),
                  resume=resumed_at is not None)
     curve = [json.loads(ln) for ln in log.getvalue().splitlines() if '"type": "metrics"' in ln and '"miou"' in ln]
     last = curve[-1] if curve else {}
     return {"fold": fold, "recipe": recipe, "seed": seed, "iterations": iterations,
+            "eval_interval": eval_interval or None,
             "miou": last.get("miou"), "per_class_iou": last.get("per_class_iou"),
             "curve": [(c.get("iteration"), c.get("miou")) for c in curve], "best_miou": res["metrics"]["miou"],
             "best_iteration": res["best_iteration"], "train_images": len(train), "val_images": len(val),
-            "seconds": round(time.perf_counter() - t0, 1), "config": over, "resumed_at": resumed_at}
+            "seconds": round(time.perf_counter() - t0, 1), "config": dict(RECIPES[recipe]), "resumed_at": resumed_at,
+            "torch_threads": _threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _checkpoint_iteration(output: Path):
@@ -92,23 +111,33 @@ def _train(train, val, config, arch, output: Path, device: str, rep, resume: boo
         output.unlink(missing_ok=True)  # the figures are the product, not 15 MB per run
 
 
-def report(rows: list) -> str:
-    """Mean ± sd per recipe over (fold, seed), per-class means, and paired differences to the first recipe."""
+def report(rows: list, baseline: str = "flip") -> str:
+    """Markdown table: per (recipe, budget), the held-out mIoU mean ± sd over (fold, seed), per-class means,
+    and the paired difference to ``baseline`` at the same budget (same fold and seed): mean, 95 % t interval,
+    paired t-test p, and how many pairs it is ahead in. Runs without a figure are listed, not dropped."""
     import numpy as np
 
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
-    lines = ["| recipe | runs | held-out mIoU (mean ± sd) | " + " | ".join(_classes(rows)) + " | Δ vs "
-             f"{recipes[0]} (paired, 95 % CI) |", "|---|---:|---:|" + "---:|" * len(_classes(rows)) + "---:|"]
-    by = {(r["recipe"], r["fold"], r["seed"]): r for r in rows if r["miou"] is not None}
-    for rec in recipes:
-        mine = [r for r in rows if r["recipe"] == rec and r["miou"] is not None]
+    done = [r for r in rows if r.get("miou") is not None]
+    arms = list(dict.fromkeys((r["recipe"], r["iterations"]) for r in done))
+    classes = _classes(done) if done else []
+    lines = ["| recipe | iterations | runs | held-out mIoU (mean ± sd) | " + " | ".join(classes)
+             + " | Δ mIoU vs " + baseline + " (paired: mean [95 % CI], p, ahead) |",
+             "|---|---:|---:|---:|" + "---:|" * len(classes) + "---|"]
+    by = {(r["recipe"], r["iterations"], r["fold"], r["seed"]): r["miou"] for r in done}
+    for rec, its in sorted(arms, key=lambda a: (a[1], a[0] != baseline, a[0])):
+        mine = [r for r in done if (r["recipe"], r["iterations"]) == (rec, its)]
         m = np.array([r["miou"] for r in mine])
-        per = [np.mean([r["per_class_iou"][c] for r in mine if r["per_class_iou"].get(c) is not None] or [np.nan])
-               for c in _classes(rows)]
-        pairs = [by[(rec, f, s)]["miou"] - by[(recipes[0], f, s)]["miou"] for (x, f, s) in by
-                 if x == rec and (recipes[0], f, s) in by]
-        lines.append(f"| {rec} | {len(m)} | {m.mean():.3f} ± {m.std(ddof=1) if len(m) > 1 else 0:.3f} | "
-                     + " | ".join(f"{v:.3f}" for v in per) + f" | {_paired(pairs) if rec != recipes[0] else '—'} |")
+        per = [np.nanmean([r["per_class_iou"].get(c) if r["per_class_iou"].get(c) is not None else np.nan
+                           for r in mine]) for c in classes]
+        pairs = [v - by[(baseline, its, f, s)] for (x, i, f, s), v in by.items()
+                 if (x, i) == (rec, its) and (baseline, its, f, s) in by]
+        sd = m.std(ddof=1) if len(m) > 1 else 0.0
+        lines.append(f"| {rec} | {its} | {len(m)} | {m.mean():.3f} ± {sd:.3f} | " + " | ".join(f"{v:.3f}" for v in per)
+                     + f" | {_paired(pairs) if rec != baseline else '—'} |")
+    missing = [r for r in rows if r.get("miou") is None]
+    if missing:
+        lines.append(f"\n{len(missing)} run(s) without a validation figure: "
+                     + ", ".join(f"{r['fold']}/{r['recipe']}/s{r['seed']}" for r in missing))
     return "\n".join(lines)
 
 
@@ -117,14 +146,19 @@ def _classes(rows) -> list:
 
 
 def _paired(diffs) -> str:
+    """``+0.012 [−0.003, +0.027], p 0.11, 6/9``: mean, 95 % t interval, paired t-test p, pairs ahead."""
     import numpy as np
     from scipy import stats
 
     if len(diffs) < 2:
         return f"{diffs[0]:+.3f} (n = 1)" if diffs else "n/a"
     d = np.array(diffs)
+    if np.all(d == d[0]):
+        return f"{d[0]:+.3f} (no spread, n = {len(d)})"
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] (n = {len(d)})"
+    p = stats.ttest_1samp(d, 0.0).pvalue
+    return (f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}], p {p:.2g}, "
+            f"ahead {int((d > 0).sum())}/{len(d)}")
 
 
 def main(argv=None) -> int:
@@ -133,22 +167,26 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default="flip,d4,photometric")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iterations", type=int, default=800)
+    ap.add_argument("--eval-interval", type=int, default=0,
+                    help="validate every N iterations (default: every quarter of the budget)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="cv-output")
+    ap.add_argument("--out", default="cv-output", help="folder of the runs' checkpoints")
+    ap.add_argument("--record", default=str(RECORD), help="JSON-lines file of the finished runs")
     ap.add_argument("--report", action="store_true", help="print the table of the runs so far and stop")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = out / "runs.jsonl"
+    runs = Path(args.record)
+    runs.parent.mkdir(parents=True, exist_ok=True)
     if args.report:
         print(report(list(_done(runs).values())))
         return 0
     for seed in [int(s) for s in args.seeds.split(",")]:
         for fold in args.folds.split(","):
             for recipe in args.recipes.split(","):
-                if (fold, recipe, seed, args.iterations) in _done(runs):
+                if (fold, recipe, seed, args.iterations, args.eval_interval or None) in _done(runs):
                     continue
-                row = run_one(fold, recipe, seed, args.iterations, out, args.device)
+                row = run_one(fold, recipe, seed, args.iterations, out, args.device, args.eval_interval)
                 with runs.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: row[k] for k in ("fold", "recipe", "seed", "miou", "seconds")}), flush=True)
