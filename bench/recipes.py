@@ -1,7 +1,8 @@
 """Reproducible training recipes on the real Dubai tiles: the embedded default model and the ablation.
 
 ``python -m bench.recipes default [--output resources/models/default.srmf] [--iterations N]
-[--minutes M] [--device D]`` — ``make train-default``.
+[--minutes M] [--device D] [--augment flip|d4|photometric] [--all-tiles] [--resume]`` — ``make train-default``
+(``--all-tiles``: every tile trained on, none held out, the last iteration's model written).
 ``python -m bench.recipes ablation [--iterations N] [--device D]`` — ``make ablation``: the same budget
 four ways (plain SegFormer head with random crops, + MARS, + MARS + SRR-TA, full SRMF with the text
 bank), each evaluated on the validation tile, per-class table printed.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 VAL_TILE = "tile_3"
 TRAIN_TILES = ["tile_1", "tile_2", "tile_5", "tile_6", "tile_7", "tile_8"]
+ALL_TILES = sorted(TRAIN_TILES + [VAL_TILE])
 DUBAI_GSD_M = 0.8  # estimated in SOURCES.md (football pitch in tile_8/image_part_003)
 
 
@@ -60,6 +62,10 @@ def train_default(output: Path, config, device: str = "auto", reporter=None, arc
         train, val = _dubai(TRAIN_TILES), _dubai([VAL_TILE], exclude_bad=False)
         described = (f"train {', '.join(TRAIN_TILES)} ({len(train)} images, tile_7/image_part_008 excluded); "
                      f"validation: whole {VAL_TILE}")
+    elif not val:
+        described = (f"train {', '.join(sorted({im.group for im in train}))} ({len(train)} images); no validation "
+                     f"(every tile is trained on; the budget of {config.iterations} iterations was fixed by the "
+                     f"leave-one-tile-out cross-validation, bench/cv.py)")
     else:
         described = (f"train {', '.join(sorted({im.group for im in train}))} ({len(train)} images); validation: "
                      f"whole {', '.join(sorted({im.group for im in val}))}")
@@ -130,6 +136,10 @@ def main(argv=None) -> int:
     d.add_argument("--iterations", type=int, default=3000)
     d.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
     d.add_argument("--device", default="auto")
+    d.add_argument("--augment", default="flip", choices=("flip", "d4", "photometric"))
+    d.add_argument("--all-tiles", action="store_true",
+                   help="train on every Dubai tile, no validation: the last iteration's model is written")
+    d.add_argument("--resume", action="store_true", help="continue a stopped run from OUTPUT.work/")
     d.add_argument("--json", action="store_true")
     a = sub.add_parser("ablation")
     a.add_argument("--iterations", type=int, default=300)
@@ -141,9 +151,10 @@ def main(argv=None) -> int:
     rep = Reporter(json_mode=args.json)
     try:
         if args.recipe == "default":
-            cfg = default_config(iterations=args.iterations,
+            cfg = default_config(iterations=args.iterations, augment=args.augment,
                                  max_seconds=None if args.minutes is None else args.minutes * 60)
-            res = train_default(Path(args.output), cfg, args.device, rep)
+            train, val = (_dubai(ALL_TILES), []) if args.all_tiles else (None, None)
+            res = train_default(Path(args.output), cfg, args.device, rep, train=train, val=val, resume=args.resume)
             rep.result(res)
         else:
             rows = ablation(args.iterations, args.device, Path(args.out_dir), rep, args.minutes)

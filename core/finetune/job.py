@@ -243,7 +243,8 @@ def _held_out(images: Sequence, val_images: Optional[Sequence], val_share: float
               val_groups: Optional[Sequence[str]], config, rep) -> Tuple[list, list, str]:
     """``(train, val, description)``: the separate validation images, else :func:`split_validation`'s."""
     if val_images is not None:
-        train_imgs, val_imgs, split_note = list(images), list(val_images), "separate validation rasters"
+        train_imgs, val_imgs = list(images), list(val_images)
+        split_note = "separate validation rasters" if val_imgs else "no validation data"
     else:
         train_imgs, val_imgs, split_note = split_validation(images, val_share, val_groups, config.seed, config.crop)
     rep.log(f"training on {len(train_imgs)} image(s), validating on {len(val_imgs)} ({split_note})")

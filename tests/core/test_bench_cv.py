@@ -56,3 +56,17 @@ def test_plain_head_turns_all_three_srmf_parts_off():
     assert cv.RECIPES["flip"] == dict(augment="flip")  # the default recipe: SRMF's parts on
     with pytest.raises(KeyError):
         cv.run_one("tile_1", "no-such-recipe", 0, 1, None, "cpu")
+
+
+def test_default_recipe_on_all_tiles_trains_without_validation(tmp_path):
+    """``bench.recipes default --all-tiles``: every Dubai tile trained on, none held out; the model file says so."""
+    from bench.recipes import ALL_TILES, main
+    from core.model.modelfile import read_header
+
+    out = tmp_path / "all.srmf"
+    assert main(["default", "--output", str(out), "--iterations", "1", "--all-tiles", "--augment", "d4",
+                 "--device", "cpu", "--json"]) == 0
+    prov = read_header(out)["provenance"]
+    assert len(ALL_TILES) == 7 and prov["validation_images"] == [] and prov["validation"] == "no validation data"
+    assert "train " + ", ".join(ALL_TILES) + " (62 images); no validation" in prov["training_data"][0]
+    assert prov["recipe"]["augment"] == "d4" and prov["recipe"]["iterations"] == 1
