@@ -84,16 +84,19 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--model", default=None, help="model file (default: the embedded default model)")
+    ap.add_argument("--modes", default="native,auto", help="processing resolutions to compare")
     args = ap.parse_args(argv)
-    rows, pooled = [], {m: np.zeros((5, 5), np.int64) for m in ("native", "auto")}
-    pooled_b = {m: np.zeros((2, 2), np.int64) for m in ("native", "auto")}
+    modes = args.modes.split(",")
+    rows, pooled = [], {m: np.zeros((5, 5), np.int64) for m in modes}
+    pooled_b = {m: np.zeros((2, 2), np.int64) for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for name, path, label, pixel, binary in _images():
             row = {"image": name, "pixel_size_m": pixel}
-            for mode in ("native", "auto"):
+            for mode in modes:
                 out = Path(tmp) / f"{mode}.tif"
                 t0 = time.perf_counter()
-                res = segment_raster(path, out, None, device="cpu", precision="fp32", overwrite=True,
+                res = segment_raster(path, out, args.model, device="cpu", precision="fp32", overwrite=True,
                                      resolution=mode, pixel_size=pixel,
                                      reporter=Reporter(json_mode=True, stream=io.StringIO()))
                 ds = gdal.Open(str(out))
@@ -119,10 +122,10 @@ def main(argv=None) -> int:
         summary[m]["miou_rgb_images"] = float(np.mean(vals))
         summary[m]["atlanta_building_iou"] = _ious(pooled_b[m])[1]
     print("\nper class IoU, LoveDA + Potsdam pooled; Atlanta building IoU")
-    print(f"{'':22s} {'native':>8s} {'auto':>8s}")
+    print(f"{'':22s} " + " ".join(f"{m:>8s}" for m in modes))
     for key in CLASSES + ["miou_rgb_images", "atlanta_building_iou"]:
-        a, b = summary["native"][key], summary["auto"][key]
-        print(f"{key:22s} {'' if a is None else f'{a:8.4f}'} {'' if b is None else f'{b:8.4f}'}")
+        vals = [summary[m][key] for m in modes]
+        print(f"{key:22s} " + " ".join("        " if v is None else f"{v:8.4f}" for v in vals))
     if args.json:
         Path(args.json).write_text(json.dumps({"images": rows, "pooled": summary}, indent=2))
     return 0

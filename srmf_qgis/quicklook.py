@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from qgis.core import QgsMapRendererParallelJob, QgsMapSettings, QgsRasterLayer, QgsRectangle
 from qgis.PyQt.QtCore import QRectF, QSize, Qt
-from qgis.PyQt.QtGui import QColor, QFont, QImage, QPainter
+from qgis.PyQt.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter
 
 
 def render_map(layers: Sequence, extent: QgsRectangle, crs, size: QSize) -> QImage:
@@ -24,10 +24,29 @@ def render_map(layers: Sequence, extent: QgsRectangle, crs, size: QSize) -> QIma
     return job.renderedImage()
 
 
+def wrap_text(text: str, metrics: QFontMetricsF, width: float) -> list:
+    """``text`` broken into lines no wider than ``width`` pixels in ``metrics``' font, at spaces (a word wider
+    than the line stands alone); its own line breaks are kept."""
+    lines = []
+    for paragraph in text.splitlines():
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if line and metrics.horizontalAdvance(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
 def render_quicklook(input_layer: QgsRasterLayer, class_layer: QgsRasterLayer, path, classes: Sequence[dict] = (),
                      areas: Optional[Sequence[dict]] = None, panel: int = 512, title: str = "",
-                     opacity: float = 0.65) -> Path:
-    """Write a PNG: left the input raster, right the class raster at ``opacity`` over it, a legend below."""
+                     opacity: float = 0.65, caption: str = "") -> Path:
+    """Write a PNG: left the input raster, right the class raster at ``opacity`` over it, a legend below and,
+    when given, a ``caption`` under it (plain text, word-wrapped to the picture's width: what the map gets
+    right and wrong, for a reader who has only the picture)."""
     extent = input_layer.extent()
     aspect = extent.height() / extent.width() if extent.width() else 1.0
     size = QSize(panel, max(1, int(round(panel * aspect))))
@@ -40,7 +59,11 @@ def render_quicklook(input_layer: QgsRasterLayer, class_layer: QgsRasterLayer, p
     area_by_name = {a["name"]: a for a in (areas or [])}
     legend_h = 50 + 22 * ((len(names) + 1) // 2) + 10
     head = 34
-    img = QImage(2 * panel + 30, head + size.height() + legend_h, QImage.Format.Format_ARGB32)
+    caption_font = QFont("sans-serif")
+    caption_font.setPixelSize(13)
+    caption_lines = wrap_text(caption, QFontMetricsF(caption_font), 2 * panel + 10) if caption else []
+    caption_h = 18 * len(caption_lines) + 12 if caption_lines else 0
+    img = QImage(2 * panel + 30, head + size.height() + legend_h + caption_h, QImage.Format.Format_ARGB32)
     img.fill(QColor("white"))
     p = QPainter(img)
     p.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -82,6 +105,11 @@ def render_quicklook(input_layer: QgsRasterLayer, class_layer: QgsRasterLayer, p
             text += f" \u2014 {a['area_ha']:.4f} ha" if a.get("area_ha") is not None else f" \u2014 {a['pixels']} px"
         p.setPen(QColor("#222222"))
         p.drawText(QRectF(x + 24, y - 1, panel - 30, 18), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, text)
+    p.setFont(caption_font)
+    p.setPen(QColor("#222222"))
+    for i, line in enumerate(caption_lines):
+        p.drawText(QRectF(10, head + size.height() + legend_h + 18 * i, 2 * panel + 10, 18),
+                   Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, line)
     p.end()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

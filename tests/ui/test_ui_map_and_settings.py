@@ -11,7 +11,7 @@ from qgis.PyQt.QtGui import QColor, QGuiApplication
 from qgis.PyQt.QtWidgets import QApplication
 
 from srmf_qgis import runtime
-from srmf_qgis.quicklook import render_map, render_quicklook
+from srmf_qgis.quicklook import render_map, render_quicklook, wrap_text
 
 
 def _colours(image, step=7):
@@ -38,6 +38,31 @@ def test_map_screenshot_of_a_segmented_real_raster(adelaide_segmented, osbs_segm
                               [{"name": c.label, "colour": c.color.name()} for c in cls.renderer().classes()],
                               res.get("CLASS_AREAS"))
         assert ql.exists() and ql.stat().st_size > 50_000
+
+
+def test_quicklook_caption_is_wrapped_under_the_legend(adelaide_segmented, tmp_path):
+    """The demo's caption (what the map gets right and wrong) is drawn under the legend, word-wrapped to the
+    picture's width, and adds only its own lines to the picture."""
+    from qgis.PyQt.QtGui import QFont, QFontMetricsF, QImage
+
+    font = QFont("sans-serif")
+    font.setPixelSize(13)
+    metrics = QFontMetricsF(font)
+    words = "water is found on water; dry fields are called land " * 12
+    lines = wrap_text(words + "\nsecond paragraph", metrics, 400)
+    assert len(lines) > 3 and lines[-1] == "second paragraph"
+    assert all(metrics.horizontalAdvance(ln) <= 400 for ln in lines)
+    assert " ".join(lines[:-1]).split() == words.split()  # nothing lost, nothing reordered
+    res = adelaide_segmented["results"]
+    inp = QgsRasterLayer(str(ADELAIDE), ADELAIDE.stem, "gdal")
+    cls = QgsRasterLayer(res["OUTPUT"], "classes", "gdal")
+    plain = QImage(str(render_quicklook(inp, cls, tmp_path / "plain.png")))
+    captioned = QImage(str(render_quicklook(inp, cls, tmp_path / "caption.png", caption=words)))
+    n = len(wrap_text(words, metrics, 2 * 512 + 10))
+    assert captioned.width() == plain.width() and captioned.height() == plain.height() + 18 * n + 12
+    dark = sum(QColor(captioned.pixel(x, y)).lightness() < 128
+               for y in range(plain.height(), captioned.height()) for x in range(0, captioned.width(), 2))
+    assert dark > 50 * n  # the caption's text is drawn there
 
 
 def test_map_screenshot_of_an_area_of_interest_run(provider, tmp_path, artifacts):
