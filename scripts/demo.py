@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     ap.add_argument("input", nargs="?", default=str(DEFAULT_INPUT), help="a georeferenced raster")
     ap.add_argument("--output", default=str(ROOT / "demo-output"), help="output folder")
     ap.add_argument("--tile-size", type=int, default=None, help="tile size in pixels (default: the model's)")
+    ap.add_argument("--caption", default=None,
+                    help="what the map gets wrong, for the quick-look's caption (default: the model card's note "
+                         "for the shared demo scene, else none)")
     args = ap.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     os.environ.setdefault("SRMF_PYTHON", sys.executable)
@@ -42,6 +45,9 @@ def main(argv=None) -> int:
 
     from srmf_qgis.provider import SRMFProvider
     from srmf_qgis.quicklook import render_quicklook
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from demo_checks import check_scene
 
     provider = SRMFProvider()
     QgsApplication.processingRegistry().addProvider(provider)
@@ -92,8 +98,10 @@ def main(argv=None) -> int:
     classes = [{"name": c.label, "colour": c.color.name()} for c in cls_layer.renderer().classes()]
     title = f"SRMF segmentation of {src.name} ({in_layer.crs().authid()}, default model"
     title += ", an UNTRAINED placeholder)" if res.get("UNTRAINED_MODEL") else ")"
+    check = check_scene(src, res["OUTPUT"], [c["name"] for c in classes])
+    caption = _caption(res, check, args.caption)
     png = render_quicklook(in_layer, cls_layer, out / f"{stem}_quicklook.png", classes, res.get("CLASS_AREAS"),
-                           title=title)
+                           title=title, caption=caption)
     print(f"\nDone in {seconds:.1f} s. Outputs in {out}:")
     print(f"  class raster  {res['OUTPUT']} (+ {Path(res['OUTPUT']).with_suffix('.qml').name}: legend "
           f"{', '.join(c['name'] for c in classes)})")
@@ -108,8 +116,35 @@ def main(argv=None) -> int:
         print(f"  {a['name']:<14s} {a['pixels']:>10d} {m2:>12s} {ha:>10s}")
     if res.get("AREA_NOTE"):
         print("  Note: " + res["AREA_NOTE"])
+    if check:
+        print(f"\nChecked against the scene's reference data ({check['reference']}):")
+        for line in check["lines"]:
+            print("  " + line)
+    print(f"\nCaption of the quick-look:\n  {caption}")
     QgsApplication.processingRegistry().removeProvider(provider)
     return 0
+
+
+#: What the embedded default model gets wrong on the shared demo scenes (model card, "Limits"), for the caption.
+KNOWN = {
+    "OSBS_029.tif": "",
+    "sample_geotiff.tif": "",
+    "adelaide_2.tif": "",
+}
+
+
+def _caption(res: dict, check, note) -> str:
+    """The quick-look's caption: the processing resolution, the reference check's figures, what is wrong."""
+    parts = []
+    proc = res.get("PROCESSING") or ""
+    if proc:
+        parts.append(proc[0].upper() + proc[1:].rstrip(".") + ".")
+    if check:
+        parts.append(check["caption"])
+    known = note if note is not None else KNOWN.get(Path(res.get("INPUT", "")).name, "")
+    if known:
+        parts.append(known)
+    return " ".join(parts)
 
 
 if __name__ == "__main__":

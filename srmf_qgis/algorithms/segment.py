@@ -117,6 +117,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
             "OUTPUT_AREAS", self.tr("Class areas"), QgsProcessing.SourceType.TypeVector, optional=True, createByDefault=True))
         self.addOutput(QgsProcessingOutputString("AREA_NOTE", self.tr("Note on the areas")))
         self.addOutput(QgsProcessingOutputString("MODEL_USED", self.tr("Model used")))
+        self.addOutput(QgsProcessingOutputString("PROCESSING", self.tr("Processing resolution used")))
 
     # ---------------------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
@@ -147,6 +148,7 @@ class SegmentAlgorithm(SRMFAlgorithm):
         results["CLASSES"] = [dict(c) for c in classes]  # {id, name, colour}: what the raster was styled with
         results["CRS"] = result.get("crs")
         results["UNTRAINED_MODEL"] = bool(result.get("untrained_model"))
+        results["PROCESSING"] = (result.get("processing") or {}).get("note") or ""
         self._report_areas(result, feedback)
         sink_id = self._area_table(parameters, context, result.get("class_areas") or [])
         if sink_id is not None:

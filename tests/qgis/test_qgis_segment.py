@@ -94,6 +94,8 @@ def test_segment_utm_raster_with_polygons_probabilities_and_areas(osbs_segmented
     assert layer.extent() == src.extent()
     _assert_styled_like_model(layer)
     assert layer.dataProvider().sourceNoDataValue(1) == 255
+    # 10 cm pixels, a 0.8 m model, blank processing resolution: run at the model's scale, and the result says so
+    assert res["PROCESSING"].startswith("processing at 0.8 m (the raster's pixels are 0.1 m): 400 x 400 px shrunk")
     areas = list(res["OUTPUT_AREAS"].getFeatures())
     pixels = sum(f["pixels"] for f in areas)
     assert 0 < pixels <= 400 * 400
