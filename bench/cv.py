@@ -26,16 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.recipes import RECIPES  # the recipes live with the trainer; the study runs them by name
+
 TILES = ["tile_1", "tile_2", "tile_3", "tile_5", "tile_6", "tile_7", "tile_8"]
-RECIPES = {
-    "flip": dict(augment="flip"),
-    "d4": dict(augment="d4"),
-    "photometric": dict(augment="photometric"),
-    # A larger ImageNet backbone (about twice Lite0's compute per pixel), SRMF recipe otherwise.
-    "lite2": dict(augment="flip", backbone="efficientnet_lite2"),
-    # The plain SegFormer head: random crops, no MARS, no SRR-TA, no text bank (SRMF's three parts off).
-    "plain-head": dict(augment="flip", mars=False, srr=False, text_fusion=False),
-}
 RECORD = Path(__file__).resolve().parent / "results" / "cv_runs.jsonl"
 
 
@@ -56,18 +49,14 @@ def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, devic
 
     ``eval_interval`` 0 validates every quarter of the budget (a curve); ``N`` every N iterations (the
     budget itself: one validation, at the end, which is the figure anyway)."""
-    from bench.recipes import _dubai, default_config
+    from bench.recipes import _dubai
+    from bench.recipes import recipe as recipe_parts
     from core.protocol import Reporter
 
+    config, arch = recipe_parts(recipe, iterations=iterations, eval_interval=eval_interval or max(1, iterations // 4),
+                                checkpoint_interval=min(50, iterations), seed=seed)
     train = _dubai([t for t in TILES if t != fold])
     val = _dubai([fold], exclude_bad=False)
-    over = dict(RECIPES[recipe])
-    text = over.pop("text_fusion", True)
-    backbone = over.pop("backbone", "efficientnet_lite0")
-    config = default_config(iterations=iterations, eval_interval=eval_interval or max(1, iterations // 4),
-                            checkpoint_interval=min(50, iterations), seed=seed, **over)
-    arch = {"backbone": backbone, "text_fusion": text, "encoder_weights": "imagenet",
-            "text_encoder": "minilm", "gsd_m": 0.8}
     log = io.StringIO()
     t0 = time.perf_counter()
     output = out / f"{fold}-{recipe}-s{seed}-i{iterations}.srmf"

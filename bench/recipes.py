@@ -1,7 +1,7 @@
 """Reproducible training recipes on the real Dubai tiles: the embedded default model and the ablation.
 
 ``python -m bench.recipes default [--output resources/models/default.srmf] [--iterations N]
-[--minutes M] [--device D] [--augment flip|d4|photometric] [--all-tiles] [--resume]`` — ``make train-default``
+[--minutes M] [--device D] [--recipe NAME] [--all-tiles] [--resume]`` — ``make train-default``
 (``--all-tiles``: every tile trained on, none held out, the last iteration's model written).
 ``python -m bench.recipes ablation [--iterations N] [--device D]`` — ``make ablation``: the same budget
 four ways (plain SegFormer head with random crops, + MARS, + MARS + SRR-TA, full SRMF with the text
@@ -23,6 +23,30 @@ VAL_TILE = "tile_3"
 TRAIN_TILES = ["tile_1", "tile_2", "tile_5", "tile_6", "tile_7", "tile_8"]
 ALL_TILES = sorted(TRAIN_TILES + [VAL_TILE])
 DUBAI_GSD_M = 0.8  # estimated in SOURCES.md (football pitch in tile_8/image_part_003)
+
+
+#: The training recipes the leave-one-tile-out study compares (bench/cv.py), by name: overrides of
+#: :func:`default_config` plus the architecture's ``text_fusion`` (the text bank) and ``backbone``.
+RECIPES = {
+    "flip": dict(augment="flip"),  # SRMF as published: MARS + SRR-TA + text bank, random flips
+    "d4": dict(augment="d4"),
+    "photometric": dict(augment="photometric"),
+    # A larger ImageNet backbone (about twice Lite0's compute per pixel), SRMF recipe otherwise.
+    "lite2": dict(augment="flip", backbone="efficientnet_lite2"),
+    # The plain SegFormer head: random crops, no MARS, no SRR-TA, no text bank (SRMF's three parts off).
+    "plain-head": dict(augment="flip", mars=False, srr=False, text_fusion=False),
+}
+#: The recipe of the embedded default model (``make train-default``): the study's verdict (README, "Recipes").
+DEFAULT_RECIPE = "flip"
+
+
+def recipe(name: str, **config_over):
+    """``(TrainConfig, architecture dict)`` of one of :data:`RECIPES`, ``config_over`` on top (iterations,
+    seed, ...). Raises KeyError: an unknown recipe."""
+    over = dict(RECIPES[name])
+    arch = {"backbone": over.pop("backbone", "efficientnet_lite0"), "text_fusion": over.pop("text_fusion", True),
+            "encoder_weights": "imagenet", "text_encoder": "minilm", "gsd_m": DUBAI_GSD_M}
+    return default_config(**{**over, **config_over}), arch
 
 
 def default_config(**over):
@@ -136,7 +160,8 @@ def main(argv=None) -> int:
     d.add_argument("--iterations", type=int, default=3000)
     d.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
     d.add_argument("--device", default="auto")
-    d.add_argument("--augment", default="flip", choices=("flip", "d4", "photometric"))
+    d.add_argument("--recipe", dest="train_recipe", default=DEFAULT_RECIPE, choices=tuple(RECIPES),
+                   help=f"the training recipe (default {DEFAULT_RECIPE}: the recipe study's verdict)")
     d.add_argument("--all-tiles", action="store_true",
                    help="train on every Dubai tile, no validation: the last iteration's model is written")
     d.add_argument("--resume", action="store_true", help="continue a stopped run from OUTPUT.work/")
@@ -151,10 +176,11 @@ def main(argv=None) -> int:
     rep = Reporter(json_mode=args.json)
     try:
         if args.recipe == "default":
-            cfg = default_config(iterations=args.iterations, augment=args.augment,
-                                 max_seconds=None if args.minutes is None else args.minutes * 60)
+            cfg, arch = recipe(args.train_recipe, iterations=args.iterations,
+                               max_seconds=None if args.minutes is None else args.minutes * 60)
             train, val = (_dubai(ALL_TILES), []) if args.all_tiles else (None, None)
-            res = train_default(Path(args.output), cfg, args.device, rep, train=train, val=val, resume=args.resume)
+            res = train_default(Path(args.output), cfg, args.device, rep, arch, train=train, val=val,
+                                resume=args.resume)
             rep.result(res)
         else:
             rows = ablation(args.iterations, args.device, Path(args.out_dir), rep, args.minutes)

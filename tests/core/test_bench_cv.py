@@ -64,7 +64,7 @@ def test_default_recipe_on_all_tiles_trains_without_validation(tmp_path):
     from core.model.modelfile import read_header
 
     out = tmp_path / "all.srmf"
-    assert main(["default", "--output", str(out), "--iterations", "1", "--all-tiles", "--augment", "d4",
+    assert main(["default", "--output", str(out), "--iterations", "1", "--all-tiles", "--recipe", "d4",
                  "--device", "cpu", "--json"]) == 0
     prov = read_header(out)["provenance"]
     assert len(ALL_TILES) == 7 and prov["validation_images"] == [] and prov["validation"] == "no validation data"
