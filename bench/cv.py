@@ -69,7 +69,8 @@ def run_one(fold: str, recipe: str, seed: int, iterations: int, out: Path, devic
             "eval_interval": eval_interval or None,
             "miou": last.get("miou"), "per_class_iou": last.get("per_class_iou"),
             "curve": [(c.get("iteration"), c.get("miou")) for c in curve], "best_miou": res["metrics"]["miou"],
-            "best_iteration": res["best_iteration"], "train_images": len(train), "val_images": len(val),
+            "best_iteration": res["best_iteration"], "best_confusion": res.get("best_confusion"),
+            "train_images": len(train), "val_images": len(val),
             "seconds": round(time.perf_counter() - t0, 1), "config": dict(RECIPES[recipe]), "resumed_at": resumed_at,
             "torch_threads": _threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -95,9 +96,23 @@ def _train(train, val, config, arch, output: Path, device: str, rep, resume: boo
     from bench.recipes import train_default
 
     try:
-        return train_default(output, config, device, rep, arch, train=train, val=val, resume=resume)
+        res = train_default(output, config, device, rep, arch, train=train, val=val, resume=resume)
+        res["best_confusion"] = _best_confusion(output)
+        return res
     finally:
         output.unlink(missing_ok=True)  # the figures are the product, not 15 MB per run
+
+
+def _best_confusion(output: Path):
+    """The confusion matrix (reference rows × predicted columns, pixels) of the best validation, from the
+    model file's header, or None."""
+    from core.errors import ModelFileError
+    from core.model.modelfile import read_header
+
+    try:
+        return (read_header(output).get("metrics") or {}).get("validation_confusion_matrix")
+    except (OSError, ModelFileError):
+        return None
 
 
 def report(rows: list, baseline: str = "flip") -> str:
