@@ -115,6 +115,36 @@ def _best_confusion(output: Path):
         return None
 
 
+def cv_estimate(recipe: str, iterations: int, record: Path = RECORD) -> dict:
+    """The cross-validated figures of ``recipe`` at ``iterations`` from the record: for a model trained on
+    every tile (nothing left to validate it on), the estimate of how it does on a tile it has not seen.
+
+    Returns:
+        ``{"miou", "miou_sd", "per_class_iou": {class: mean}, "runs", "folds", "seeds", "estimate"}``
+        (means over the (fold, seed) runs; ``estimate`` says how they were made).
+
+    Raises:
+        ValueError: the record has no finished run of that recipe at that budget.
+    """
+    import numpy as np
+
+    rows = [r for r in _done(Path(record)).values()
+            if r["recipe"] == recipe and r["iterations"] == iterations and r.get("miou") is not None]
+    if not rows:
+        raise ValueError(f"{record}: no finished cross-validation run of {recipe!r} at {iterations} iterations")
+    m = np.array([r["miou"] for r in rows])
+    classes = _classes(rows)
+    per = {c: round(float(np.mean([r["per_class_iou"][c] for r in rows if r["per_class_iou"].get(c) is not None])), 4)
+           for c in classes}
+    folds, seeds = sorted({r["fold"] for r in rows}), sorted({r["seed"] for r in rows})
+    return {"miou": round(float(m.mean()), 4), "miou_sd": round(float(m.std(ddof=1)) if len(m) > 1 else 0.0, 4),
+            "per_class_iou": per, "runs": len(rows), "folds": folds, "seeds": seeds,
+            "estimate": (f"leave-one-tile-out cross-validation of this recipe at {iterations} iterations "
+                         f"(bench/cv.py): mean of {len(rows)} runs, each trained on the other Dubai tiles and "
+                         f"validated on the whole held-out tile ({', '.join(folds)}; seeds "
+                         f"{', '.join(map(str, seeds))}); the model itself was trained on every tile")}
+
+
 def report(rows: list, baseline: str = "flip") -> str:
     """Markdown table: per (recipe, budget), the held-out mIoU mean ± sd over (fold, seed), per-class means,
     and the paired difference to ``baseline`` at the same budget (same fold and seed): mean, 95 % t interval,

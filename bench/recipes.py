@@ -101,6 +101,27 @@ def train_default(output: Path, config, device: str = "auto", reporter=None, arc
                     data_description=[f"Dubai aerial (Humans in the Loop / MBRSC, CC0): {described}"])
 
 
+def attach_cv_metrics(path: Path, recipe_name: str, iterations: int, record=None) -> dict:
+    """Write the cross-validated figures of the recipe (:func:`bench.cv.cv_estimate`) into the header of the
+    model at ``path`` as its ``metrics`` (the model was trained on every tile: nothing is left to validate it
+    on, so the estimate is what travels with it); returns them.
+
+    Raises:
+        ValueError: the record has no finished run of that recipe at that budget (the model is left as it is).
+    """
+    from bench.cv import RECORD, cv_estimate
+    from core.model.modelfile import load_model, save_model
+
+    metrics = cv_estimate(recipe_name, iterations, record or RECORD)
+    lm = load_model(path)
+    header = {k: v for k, v in lm.header.items() if k not in ("format", "format_version")}
+    header["metrics"] = metrics
+    tmp = path.with_name(path.name + ".partial")
+    save_model(tmp, lm.model, header)
+    tmp.replace(path)
+    return metrics
+
+
 class _BaseStub:
     """Stands in for a base model when the network is built from scratch (only the header is read)."""
 
@@ -165,6 +186,8 @@ def main(argv=None) -> int:
     d.add_argument("--all-tiles", action="store_true",
                    help="train on every Dubai tile, no validation: the last iteration's model is written")
     d.add_argument("--resume", action="store_true", help="continue a stopped run from OUTPUT.work/")
+    d.add_argument("--no-cv-metrics", action="store_true",
+                   help="with --all-tiles: do not write the recipe's cross-validated figures into the header")
     d.add_argument("--json", action="store_true")
     a = sub.add_parser("ablation")
     a.add_argument("--iterations", type=int, default=300)
@@ -181,6 +204,11 @@ def main(argv=None) -> int:
             train, val = (_dubai(ALL_TILES), []) if args.all_tiles else (None, None)
             res = train_default(Path(args.output), cfg, args.device, rep, arch, train=train, val=val,
                                 resume=args.resume)
+            if args.all_tiles and not args.no_cv_metrics:
+                try:
+                    res["metrics"] = attach_cv_metrics(Path(args.output), args.train_recipe, args.iterations)
+                except ValueError as exc:
+                    rep.warning(f"{exc}: the model carries no cross-validated figures")
             rep.result(res)
         else:
             rows = ablation(args.iterations, args.device, Path(args.out_dir), rep, args.minutes)

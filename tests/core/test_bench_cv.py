@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import cv
 
@@ -70,3 +71,27 @@ def test_default_recipe_on_all_tiles_trains_without_validation(tmp_path):
     assert len(ALL_TILES) == 7 and prov["validation_images"] == [] and prov["validation"] == "no validation data"
     assert "train " + ", ".join(ALL_TILES) + " (62 images); no validation" in prov["training_data"][0]
     assert prov["recipe"]["augment"] == "d4" and prov["recipe"]["iterations"] == 1
+
+
+def test_cv_estimate_travels_in_the_header_of_an_all_tiles_model(tmp_path):
+    from bench.recipes import attach_cv_metrics
+    from conftest import make_random_model
+    from core.model.modelfile import load_model, read_header
+
+    record = tmp_path / "runs.jsonl"
+    rows = [_row("plain-head", f, s, 0.5 + 0.01 * i) for i, (f, s) in enumerate(
+        (f, s) for f in ("tile_1", "tile_2", "tile_3") for s in (0, 1))]
+    rows.append(_row("plain-head", "tile_1", 0, 0.9, iterations=900))  # another budget: not in the estimate
+    rows.append(_row("flip", "tile_1", 0, 0.1))  # another recipe: neither
+    record.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = make_random_model(tmp_path / "m.srmf")
+    before = load_model(model).model.state_dict()
+    metrics = attach_cv_metrics(model, "plain-head", 300, record)
+    header = read_header(model)
+    assert header["metrics"] == metrics and metrics["runs"] == 6 and metrics["miou"] == pytest.approx(0.525)
+    assert metrics["per_class_iou"]["road"] == pytest.approx(0.525) and metrics["folds"] == ["tile_1", "tile_2", "tile_3"]
+    assert "leave-one-tile-out cross-validation" in metrics["estimate"]
+    after = load_model(model).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # only the header changed
+    with pytest.raises(ValueError, match="no finished cross-validation run"):
+        attach_cv_metrics(model, "d4", 300, record)
