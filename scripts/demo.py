@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     title = f"SRMF segmentation of {src.name} ({in_layer.crs().authid()}, default model"
     title += ", an UNTRAINED placeholder)" if res.get("UNTRAINED_MODEL") else ")"
     check = check_scene(src, res["OUTPUT"], [c["name"] for c in classes])
-    caption = _caption(res, check, args.caption)
+    caption = _caption(res, check, args.caption, src.name)
     png = render_quicklook(in_layer, cls_layer, out / f"{stem}_quicklook.png", classes, res.get("CLASS_AREAS"),
                            title=title, caption=caption)
     print(f"\nDone in {seconds:.1f} s. Outputs in {out}:")
@@ -127,13 +127,17 @@ def main(argv=None) -> int:
 
 #: What the embedded default model gets wrong on the shared demo scenes (model card, "Limits"), for the caption.
 KNOWN = {
-    "OSBS_029.tif": "",
-    "sample_geotiff.tif": "",
-    "adelaide_2.tif": "",
+    "OSBS_029.tif": ("What is wrong: the model was trained on Dubai (desert city, 0.8 m) and has never seen a pine "
+                     "forest; the patches of pale sandy ground between the crowns are taken for building. No shared "
+                     "scene suits it better (README, \"Recipe study\"); fine-tune on your own labels."),
+    "sample_geotiff.tif": ("What is wrong: a panchromatic scene (one band, replicated) from a model trained on colour; "
+                           "most buildings under the trees are missed."),
+    "adelaide_2.tif": ("What is wrong: much of the dry, harvested field is called water and its crop rows road "
+                       "(the model knows desert sand as land, not ploughed soil)."),
 }
 
 
-def _caption(res: dict, check, note) -> str:
+def _caption(res: dict, check, note, name: str) -> str:
     """The quick-look's caption: the processing resolution, the reference check's figures, what is wrong."""
     parts = []
     proc = res.get("PROCESSING") or ""
@@ -141,7 +145,7 @@ def _caption(res: dict, check, note) -> str:
         parts.append(proc[0].upper() + proc[1:].rstrip(".") + ".")
     if check:
         parts.append(check["caption"])
-    known = note if note is not None else KNOWN.get(Path(res.get("INPUT", "")).name, "")
+    known = note if note is not None else KNOWN.get(name, "")
     if known:
         parts.append(known)
     return " ".join(parts)
