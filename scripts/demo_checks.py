@@ -63,8 +63,11 @@ def _osbs(src: Path, classes: np.ndarray, names: Sequence[str]) -> dict:
             "caption": caption}
 
 
-def _atlanta(src: Path, class_path: Path, classes: np.ndarray, names: Sequence[str]) -> dict:
+def _atlanta(src: Path, class_path: Path, names: Sequence[str]) -> dict:
     ds = gdal.Open(str(class_path))
+    if ds is None:
+        raise OSError(f"cannot open {class_path}")
+    classes = ds.GetRasterBand(1).ReadAsArray()  # read once, from the dataset whose grid is rasterised onto
     mem = gdal.GetDriverByName("MEM").Create("", ds.RasterXSize, ds.RasterYSize, 1, gdal.GDT_Byte)
     mem.SetGeoTransform(ds.GetGeoTransform())
     mem.SetProjection(ds.GetProjection())
@@ -108,5 +111,5 @@ def check_scene(src, class_raster, names: Sequence[str]) -> Optional[dict]:
     if src.name == "OSBS_029.tif" and src.with_suffix(".csv").is_file():
         return _osbs(src, _read(class_raster), names)
     if src.name == "sample_geotiff.tif" and src.with_name("geotiff_labels.geojson").is_file():
-        return _atlanta(src, class_raster, _read(class_raster), names)
+        return _atlanta(src, class_raster, names)
     return None

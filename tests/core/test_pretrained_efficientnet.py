@@ -72,13 +72,18 @@ def reference_sd():
     return torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
 
 
+def _reference_model(name: str, state_dict):
+    """The reference model ``name`` (``efficientnet-lite0``, ``-lite2``) with ``state_dict``; image_size=None
+    selects its dynamic TF-"SAME" padding (any input size)."""
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    model = ref_pkg.EfficientNet.from_name(name, image_size=None)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def reference(reference_sd):
-    """The reference model; image_size=None selects its dynamic TF-"SAME" padding (any input size)."""
-    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
-    model = ref_pkg.EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    model.load_state_dict(reference_sd, strict=True)
-    return model.eval()
+    return _reference_model("efficientnet-lite0", reference_sd)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +222,7 @@ def lite2_reference_sd():
 
 @pytest.fixture(scope="module")
 def lite2_reference(lite2_reference_sd):
-    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
-    model = ref_pkg.EfficientNet.from_name("efficientnet-lite2", image_size=None)
-    model.load_state_dict(lite2_reference_sd, strict=True)
-    return model.eval()
+    return _reference_model("efficientnet-lite2", lite2_reference_sd)
 
 
 def test_lite2_layout_is_the_tf_builders():
