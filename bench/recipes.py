@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     d.add_argument("--output", default=str(DEFAULT_MODEL_PATH))
     d.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     d.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    d.add_argument("--eval-interval", type=int, default=None,
+                   help="validate every N iterations (default 200; the best validation's model is written)")
     d.add_argument("--device", default="auto")
     d.add_argument("--recipe", dest="train_recipe", default=DEFAULT_RECIPE, choices=tuple(RECIPES),
                    help=f"the training recipe (default {DEFAULT_RECIPE}: the recipe study's verdict)")
@@ -203,8 +205,9 @@ def main(argv=None) -> int:
     rep = Reporter(json_mode=args.json)
     try:
         if args.recipe == "default":
+            over = {} if args.eval_interval is None else {"eval_interval": args.eval_interval}
             cfg, arch = recipe(args.train_recipe, iterations=args.iterations,
-                               max_seconds=None if args.minutes is None else args.minutes * 60)
+                               max_seconds=None if args.minutes is None else args.minutes * 60, **over)
             train, val = (_dubai(ALL_TILES), []) if args.all_tiles else (None, None)
             res = train_default(Path(args.output), cfg, args.device, rep, arch, train=train, val=val,
                                 resume=args.resume)

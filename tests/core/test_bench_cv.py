@@ -66,11 +66,12 @@ def test_default_recipe_on_all_tiles_trains_without_validation(tmp_path):
 
     out = tmp_path / "all.srmf"
     assert main(["default", "--output", str(out), "--iterations", "1", "--all-tiles", "--recipe", "d4",
-                 "--device", "cpu", "--json"]) == 0
+                 "--device", "cpu", "--eval-interval", "7", "--json"]) == 0
     prov = read_header(out)["provenance"]
     assert len(ALL_TILES) == 7 and prov["validation_images"] == [] and prov["validation"] == "no validation data"
     assert "train " + ", ".join(ALL_TILES) + " (62 images); no validation" in prov["training_data"][0]
     assert prov["recipe"]["augment"] == "d4" and prov["recipe"]["iterations"] == 1
+    assert prov["recipe"]["eval_interval"] == 7  # --eval-interval reaches the recipe
 
 
 def test_cv_estimate_travels_in_the_header_of_an_all_tiles_model(tmp_path):
