@@ -1,7 +1,7 @@
 """Reproducible training recipes on the real Dubai tiles: the embedded default model and the ablation.
 
 ``python -m bench.recipes default [--output resources/models/default.srmf] [--iterations N]
-[--minutes M] [--device D] [--recipe NAME] [--all-tiles] [--resume]`` — ``make train-default``
+[--minutes M] [--eval-interval N] [--device D] [--recipe NAME] [--all-tiles] [--resume]`` — ``make train-default``
 (``--all-tiles``: every tile trained on, none held out, the last iteration's model written).
 ``python -m bench.recipes ablation [--iterations N] [--device D]`` — ``make ablation``: the same budget
 four ways (plain SegFormer head with random crops, + MARS, + MARS + SRR-TA, full SRMF with the text
