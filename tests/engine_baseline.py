@@ -20,7 +20,11 @@ features of every vector layer, and the tensors of a written model file. Cases:
 Float values compare with a relative tolerance of 1e-6 (``--rtol``); digests compare exactly. Digests of
 floating-point work are only reproducible on the same CPU kind and torch build: on another machine
 (``machine`` differs) the comparison is *portable* — digests are skipped, and the class areas, metrics,
-per-band pixel statistics and weight sums compare with a relative tolerance of 1e-3.
+per-band pixel statistics and weight sums compare with a relative tolerance of 1e-3. The fine-tune case
+(``finetune_20``) is the exception there: 20 optimiser steps amplify the last-bit differences of another
+CPU's vector width (AVX2 against the AVX-512 of the recording) into slightly different weights, so its numbers
+compare within 1 % relative or 0.005 absolute (measured on AVX2: loss 0.18 %, overall accuracy 0.001, the
+smallest class's IoU 0.0019, class areas 0.34 %); a broken loss, sampler or optimiser moves them far more.
 """
 from __future__ import annotations
 
@@ -247,28 +251,48 @@ def record() -> dict:
 DIGESTS = {"md5", "tensors", "machine"}
 
 
-def differences(a, b, rtol: float, path: str = "", portable: bool = False) -> list:
+#: Cases whose numbers are the outcome of training: on another machine kind they compare within
+#: (relative, absolute) tolerances of their own (module docstring).
+TRAINED = {"finetune_20": (1e-2, 5e-3)}
+
+
+def differences(a, b, rtol: float, path: str = "", portable: bool = False, atol: float = None) -> list:
     """Paths where two recorded values differ (floats within ``rtol``; ``portable``: digests skipped and
-    numbers, integers too, within ``rtol``)."""
+    numbers, integers too, within ``rtol``; absolute tolerance ``atol``, default 1e-9, portable 1e-3)."""
+    atol = (1e-3 if portable else 1e-9) if atol is None else atol
     if isinstance(a, dict) and isinstance(b, dict):
         diffs = [f"{path}/{k}: only in the baseline" for k in a.keys() - b.keys()]
         diffs += [f"{path}/{k}: only in the new run" for k in b.keys() - a.keys()]
         for k in sorted(a.keys() & b.keys()):
             if not (portable and k in DIGESTS):
-                diffs += differences(a[k], b[k], rtol, f"{path}/{k}", portable)
+                diffs += differences(a[k], b[k], rtol, f"{path}/{k}", portable, atol)
         return diffs
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} items vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rtol, f"{path}[{i}]", portable)]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in differences(x, y, rtol, f"{path}[{i}]", portable, atol)]
     number = (int, float)
     if (isinstance(a, float) or (portable and isinstance(a, number))) and isinstance(b, number) \
             and not isinstance(a, bool) and not isinstance(b, bool):
-        if math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9 if not portable else 1e-3) or (math.isnan(a) and math.isnan(b)):
+        if math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or (math.isnan(a) and math.isnan(b)):
             return []
     elif a == b:
         return []
     return [f"{path}: {a!r} (baseline) vs {b!r} (now)"]
+
+
+def portable_differences(base: dict, now: dict) -> list:
+    """:func:`differences` of two records made on different machine kinds: digests skipped, numbers within
+    1e-3, the :data:`TRAINED` cases within their own tolerances."""
+    diffs = differences({k: v for k, v in base.items() if k not in TRAINED},
+                        {k: v for k, v in now.items() if k not in TRAINED}, 1e-3, portable=True)
+    for case, (case_rtol, case_atol) in TRAINED.items():
+        if case in base and case in now:
+            diffs += differences(base[case], now[case], case_rtol, f"/{case}", True, case_atol)
+        elif case in base or case in now:
+            diffs.append(f"/{case}: only in the {'baseline' if case in base else 'new run'}")
+    return diffs
 
 
 def compare(baseline: Path, rtol: float = 1e-6) -> tuple:
@@ -277,7 +301,7 @@ def compare(baseline: Path, rtol: float = 1e-6) -> tuple:
     base = json.loads(Path(baseline).read_text())
     now = record()
     portable = base.get("machine") != now["machine"]
-    diffs = differences(base, now, 1e-3 if portable else rtol, portable=portable)
+    diffs = portable_differences(base, now) if portable else differences(base, now, rtol)
     return diffs, ("portable: recorded on " + str(base.get("machine")) + ", now " + now["machine"]) if portable else "exact"
 
 

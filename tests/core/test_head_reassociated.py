@@ -66,9 +66,14 @@ def test_train_mode_outputs_and_gradients_equal_the_reference(net_and_image):
     model.eval()
     assert float((outs[0] - outs[1]).abs().max()) < 1e-4
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    # The two formulations sum the same float32 terms in another order (32 768 pixels per weight of the fusion
+    # conv), and the order depends on the CPU's vector width: on AVX-512 every element is within 1e-3 of its
+    # tensor's largest gradient, on AVX2 within 4e-3 (head.fusion) with the tensors' norms within 8e-4. A wrong
+    # slice or a missed branch is off by O(1): the bounds below stay far from that.
     for name in grads[0]:
         g, r = grads[0][name], grads[1][name]
-        assert torch.allclose(g, r, rtol=1e-3, atol=1e-6 + 1e-3 * float(r.abs().max())), name
+        assert torch.allclose(g, r, rtol=1e-3, atol=1e-6 + 1e-2 * float(r.abs().max())), name
+        assert float((g - r).norm()) <= 2e-3 * float(r.norm()) + 1e-6 * r.numel() ** 0.5, name
     # the head's projection and fusion convs did get gradients (the re-associated slices are trained)
     assert float(grads[0]["head.fusion.0.weight"].abs().sum()) > 0
     assert float(grads[0]["head.projection.0.weight"].abs().sum()) > 0
